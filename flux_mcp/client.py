@@ -1,0 +1,249 @@
+"""The HTTP client for PiAPI's unified task API, and the one place its request policy lives.
+
+Policy, all here so no code path can bypass it:
+- Auth: `X-API-Key` is attached per request, and only to requests for PiAPI's own base URL. Image
+  downloads (CDN URLs that PiAPI returns) go out without it, so the key never leaks to another host.
+- Timeouts: explicit connect/read/write/pool timeouts on every request.
+- Errors: HTTP status, PiAPI's `{code, data, message}` envelope and transport failures become
+  `FluxError` subclasses with a category and a `retryable` flag; the key is scrubbed from any text.
+- Retries: GET and DELETE are retried with capped exponential backoff, full jitter and
+  `Retry-After`. The create POST is retried only when the request provably never reached PiAPI
+  (connection refused, connect or pool time-out) or PiAPI refused it with 429. Any failure after
+  the body was sent raises `SubmitUncertainError`: a duplicate paid task is worse than an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import anyio
+import httpx
+
+from flux_mcp import errors
+from flux_mcp.record import TaskRecord
+
+log = logging.getLogger(__name__)
+
+TASK_PATH = "/api/v1/task"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with full jitter; `Retry-After` wins when it is larger."""
+
+    attempts: int = 4
+    base_seconds: float = 0.5
+    cap_seconds: float = 8.0
+    max_retry_after_seconds: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None, rand: Callable[[], float]) -> float:
+        backoff = min(self.cap_seconds, self.base_seconds * 2**attempt) * rand()
+        if retry_after is not None:
+            return max(backoff, min(retry_after, self.max_retry_after_seconds))
+        return backoff
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    accepted: bool
+    message: str
+
+
+def _retry_after_seconds(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from datetime import UTC, datetime
+
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+class PiAPIClient:
+    """`create_task`, `get_task`, `cancel_task` against PiAPI (or the simulator), plus downloads."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        http: httpx.AsyncClient | None = None,
+        timeout_seconds: float = 30.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
+        self._http = http or httpx.AsyncClient(
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+            follow_redirects=False,
+        )
+        self._owns_http = http is None
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._rand = rand
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> PiAPIClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # --- the three task operations ----------------------------------------------------------
+
+    async def create_task(self, payload: dict[str, Any]) -> TaskRecord:
+        for attempt in range(self.retry.attempts):
+            try:
+                data = await self._send("POST", TASK_PATH, json=payload)
+            except (errors.NetworkError, errors.RateLimitedError) as exc:
+                # Only failures that prove PiAPI never accepted the body reach this branch.
+                if attempt + 1 >= self.retry.attempts:
+                    raise
+                await self._sleep(self.retry.delay(attempt, exc.retry_after, self._rand))
+                continue
+            record = TaskRecord.from_api(data)
+            if not record.task_id:
+                raise errors.SubmitUncertainError("PiAPI accepted the create request but returned no task_id")
+            return record
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def get_task(self, task_id: str) -> TaskRecord:
+        data = await self._with_retries("GET", f"{TASK_PATH}/{task_id}", task_id=task_id)
+        record = TaskRecord.from_api(data)
+        return record if record.task_id else record.model_copy(update={"task_id": task_id})
+
+    async def cancel_task(self, task_id: str) -> CancelOutcome:
+        """Best effort: PiAPI documents cancel only for pending tasks, and not for Flux at all."""
+        try:
+            await self._with_retries("DELETE", f"{TASK_PATH}/{task_id}", task_id=task_id)
+        except errors.FluxError as exc:
+            return CancelOutcome(False, f"PiAPI did not cancel the task: {exc.message}")
+        return CancelOutcome(True, "PiAPI accepted the cancel request")
+
+    # --- downloads (no API key: these URLs belong to PiAPI's file host) -----------------------
+
+    @asynccontextmanager
+    async def stream_download(self, url: str) -> AsyncIterator[httpx.Response]:
+        try:
+            async with self._http.stream("GET", url, follow_redirects=True) as response:
+                if response.status_code != 200:
+                    raise errors.StorageError(
+                        f"downloading {url} failed with HTTP {response.status_code}",
+                        retryable=response.status_code >= 500,
+                    )
+                yield response
+        except httpx.TimeoutException as exc:
+            raise errors.RequestTimeoutError(f"downloading {url} timed out") from exc
+        except httpx.TransportError as exc:
+            raise errors.NetworkError(f"downloading {url} failed: {type(exc).__name__}") from exc
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _with_retries(self, method: str, path: str, *, task_id: str | None) -> dict[str, Any]:
+        for attempt in range(self.retry.attempts):
+            try:
+                return await self._send(method, path, task_id=task_id)
+            except errors.FluxError as exc:
+                if not exc.retryable or attempt + 1 >= self.retry.attempts:
+                    raise
+                log.info("%s %s failed (%s); retrying", method, path, exc.category)
+                await self._sleep(self.retry.delay(attempt, exc.retry_after, self._rand))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(
+        self, method: str, path: str, *, json: dict[str, Any] | None = None, task_id: str | None = None
+    ) -> dict[str, Any]:
+        headers = {"X-API-Key": self._api_key, "Accept": "application/json"}
+        is_create = method == "POST"
+        try:
+            response = await self._http.request(method, self.base_url + path, json=json, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing was sent: safe to retry, even the create.
+            raise errors.NetworkError(f"could not connect to PiAPI ({type(exc).__name__})", task_id=task_id) from exc
+        except httpx.TimeoutException as exc:
+            if is_create:
+                raise errors.SubmitUncertainError(
+                    "PiAPI did not answer the create request in time; the task may exist"
+                ) from exc
+            raise errors.RequestTimeoutError(f"PiAPI did not answer {method} in time", task_id=task_id) from exc
+        except httpx.TransportError as exc:
+            if is_create:
+                raise errors.SubmitUncertainError(
+                    f"the connection failed after the create request was sent ({type(exc).__name__}); "
+                    "the task may exist"
+                ) from exc
+            raise errors.NetworkError(f"connection to PiAPI failed ({type(exc).__name__})", task_id=task_id) from exc
+        return self._parse(response, task_id=task_id, is_create=is_create)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _parse(self, response: httpx.Response, *, task_id: str | None, is_create: bool) -> dict[str, Any]:
+        status = response.status_code
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        envelope_message = ""
+        envelope_code: int | None = None
+        if isinstance(body, dict):
+            envelope_message = self._scrub(str(body.get("message") or ""))
+            try:
+                envelope_code = int(body.get("code")) if body.get("code") is not None else None
+            except (TypeError, ValueError):
+                envelope_code = None
+        if status == 200 and isinstance(body, dict) and envelope_code in (None, 200):
+            data = body.get("data")
+            if isinstance(data, dict):
+                return data
+            raise errors.UpstreamError("PiAPI answered without a task object", task_id=task_id)
+        effective = status if status != 200 else (envelope_code or 500)
+        if body is None and status == 200:
+            raise errors.UpstreamError(
+                "PiAPI returned a body that is not JSON (HTTP 200)", task_id=task_id, status_code=status
+            )
+        detail = envelope_message or response.reason_phrase or "no detail"
+        kwargs: dict[str, Any] = {"task_id": task_id, "status_code": status, "code": envelope_code or status}
+        if effective in (401, 403):
+            raise errors.AuthError(f"PiAPI rejected the API key (HTTP {effective}): {detail}", **kwargs)
+        if effective == 404:
+            raise errors.NotFoundError(f"PiAPI does not know this task (HTTP 404): {detail}", **kwargs)
+        if effective == 429:
+            raise errors.RateLimitedError(
+                f"PiAPI is rate limiting requests (HTTP 429): {detail}",
+                retry_after=_retry_after_seconds(response),
+                **kwargs,
+            )
+        if 400 <= effective < 500:
+            raise errors.InvalidInputError(f"PiAPI rejected the request (HTTP {effective}): {detail}", **kwargs)
+        hint = (
+            "PiAPI answered the create request with a server error and no task id; check "
+            "flux_list_tasks before retrying."
+            if is_create
+            else None
+        )
+        raise errors.UpstreamError(
+            f"PiAPI failed with HTTP {effective}: {detail}",
+            retry_after=_retry_after_seconds(response),
+            hint=hint,
+            **kwargs,
+        )

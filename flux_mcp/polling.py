@@ -1,0 +1,118 @@
+"""Waiting for a PiAPI task: a pluggable poll schedule and a deadline that never loses the task.
+
+`wait_for_task` polls until the task is terminal or the deadline passes, and then returns the
+*current* record either way: a task still running at the deadline is alive and resumable, not
+an error. `on_update` is called on every status change and as a heartbeat at least every
+`heartbeat_seconds`, with the elapsed time, so the MCP layer can turn it into real progress.
+A failing `on_update` is logged and ignored: describing a paid task must never abort it.
+
+Clock and sleep are injected, so tests run the whole schedule in milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+
+from flux_mcp import errors
+from flux_mcp.record import TaskRecord
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+OnUpdate = Callable[[TaskRecord, float], Awaitable[None]]
+Fetch = Callable[[str], Awaitable[TaskRecord]]
+
+
+class PollPolicy(Protocol):
+    def interval(self, attempt: int) -> float:
+        """Seconds to wait before poll number `attempt + 1` (attempt 0 follows the first poll)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    """Quick first checks, then growing intervals capped at a few seconds (1, 1, 1.5, 2.25, ...)."""
+
+    first: Sequence[float] = (1.0, 1.0)
+    factor: float = 1.5
+    cap: float = 4.0
+
+    def interval(self, attempt: int) -> float:
+        if attempt < len(self.first):
+            return self.first[attempt]
+        last = self.first[-1] if self.first else 1.0
+        return min(self.cap, last * self.factor ** (attempt - len(self.first) + 1))
+
+
+DEFAULT_POLICY = BackoffPolicy()
+
+
+async def _notify(on_update: OnUpdate | None, record: TaskRecord, elapsed: float) -> None:
+    if on_update is None:
+        return
+    try:
+        await on_update(record, elapsed)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except Exception:  # a progress send must never abort the task it describes
+        log.warning("progress update failed; continuing", exc_info=True)
+
+
+async def wait_for_task(
+    fetch: Fetch,
+    task_id: str,
+    *,
+    timeout: float,
+    on_update: OnUpdate | None = None,
+    policy: PollPolicy = DEFAULT_POLICY,
+    heartbeat_seconds: float = 10.0,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = anyio.sleep,
+    initial: TaskRecord | None = None,
+) -> TaskRecord:
+    """Poll `fetch(task_id)` until terminal or `timeout` seconds pass; return the latest record.
+
+    Transient fetch failures (retryable `FluxError`) are tolerated while time remains: the last
+    known record is kept and polling continues. A non-retryable failure is raised.
+    """
+    start = clock()
+    deadline = start + max(0.0, timeout)
+    record = initial
+    last_status: str | None = None
+    last_sent = start
+    if record is not None:
+        last_status = record.status
+        await _notify(on_update, record, 0.0)
+        if record.is_terminal:
+            return record
+    attempt = 0
+    while True:
+        try:
+            record = await fetch(task_id)
+        except errors.FluxError as exc:
+            if not exc.retryable or (record is None and clock() >= deadline):
+                raise
+            log.info("poll of %s failed (%s); will retry", task_id, exc.category)
+        now = clock()
+        if record is not None and (record.status != last_status or now - last_sent >= heartbeat_seconds):
+            last_status = record.status
+            last_sent = now
+            await _notify(on_update, record, now - start)
+        if record is not None and record.is_terminal:
+            return record
+        remaining = deadline - now
+        if remaining <= 0:
+            if record is None:  # pragma: no cover - guarded by the raise above
+                raise errors.RequestTimeoutError("no answer from PiAPI before the deadline", task_id=task_id)
+            return record
+        # Sleep no longer than the deadline or the next heartbeat allows.
+        until_heartbeat = max(0.0, heartbeat_seconds - (now - last_sent))
+        await sleep(min(policy.interval(attempt), remaining, max(until_heartbeat, 0.05)))
+        attempt += 1

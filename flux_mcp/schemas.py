@@ -1,0 +1,92 @@
+"""Compact JSON Schemas: what a model reads in tools/list costs context on every turn.
+
+Pydantic's schemas carry an auto-generated `title` on every property, spell `X | None` as
+`anyOf: [X, {type: null}]` and put nested models behind `$ref`. Tool *inputs* drop titles and
+the null branch: an optional argument is simply not required (the server still accepts an
+explicit null), which is also the most portable form across hosts. Tool *outputs* inline
+their nested models; a required field that can be null gets a type list, and an optional field
+is simply absent from a result when it has no value. tests/test_server_protocol.py measures the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _without_null(branches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [b for b in branches if b.get("type") != "null"]
+
+
+def optional_input(schema: dict[str, Any]) -> None:
+    """`json_schema_extra` for an input property: `X | None` shown as plain X, not required."""
+    branches = schema.get("anyOf")
+    if branches and len(_without_null(branches)) == 1 and len(branches) == 2:
+        (kept,) = _without_null(branches)
+        del schema["anyOf"]
+        schema.update({k: v for k, v in kept.items() if k not in schema})
+        if schema.get("default", 0) is None:
+            del schema["default"]
+
+
+def strip_titles(schema: dict[str, Any]) -> dict[str, Any]:
+    """Remove every auto-generated `title` keyword (not properties that happen to be named so)."""
+    if isinstance(schema.get("title"), str):
+        del schema["title"]
+    for key in ("properties", "$defs"):
+        for sub in (schema.get(key) or {}).values():
+            if isinstance(sub, dict):
+                strip_titles(sub)
+    for key in ("anyOf", "oneOf", "allOf"):
+        for sub in schema.get(key) or []:
+            if isinstance(sub, dict):
+                strip_titles(sub)
+    if isinstance(schema.get("items"), dict):
+        strip_titles(schema["items"])
+    return schema
+
+
+def _output_node(
+    node: dict[str, Any], defs: dict[str, Any], *, nullable: bool = True, top: bool = False
+) -> dict[str, Any]:
+    if "$ref" in node:
+        node = dict(defs[node["$ref"].rsplit("/", 1)[-1]])
+    node = {k: v for k, v in node.items() if k not in ("title", "default", "description")}
+    if node.get("additionalProperties") is True:
+        del node["additionalProperties"]
+    branches = node.get("anyOf")
+    if branches and len(branches) == 2 and len(_without_null(branches)) == 1:
+        kept = _output_node(_without_null(branches)[0], defs)
+        del node["anyOf"]
+        node.update(kept)
+        kind = kept.get("type")
+        if nullable:
+            node["type"] = [kind, "null"] if isinstance(kind, str) else kind
+            if "enum" in node:
+                node["enum"] = [*node["enum"], None]
+    if "properties" in node:
+        # At the top level an optional field is left out of a result when it has no value
+        # (`TaskResult.wire`), so only required fields there can be null. Nested fields keep nulls.
+        required = set(node.get("required", ()))
+        node["properties"] = {
+            k: _nested(_output_node(v, defs, nullable=not top or k in required)) for k, v in node["properties"].items()
+        }
+    if isinstance(node.get("items"), dict):
+        node["items"] = _output_node(node["items"], defs)
+    if "enum" in node:
+        node.pop("type", None)  # the enum already says everything
+    return node
+
+
+def _nested(node: dict[str, Any]) -> dict[str, Any]:
+    # Nested objects (an image, an error) keep their property types but not a `required` list:
+    # every field of theirs is always present, so the list would only repeat the property names.
+    node.pop("required", None)
+    if isinstance(node.get("items"), dict):
+        node["items"].pop("required", None)
+    return node
+
+
+def compact_output(schema: dict[str, Any]) -> dict[str, Any]:
+    """An output schema made flat (nested models inlined), titleless, nullable fields as type lists."""
+    defs = schema.get("$defs", {})
+    return _output_node({k: v for k, v in schema.items() if k != "$defs"}, defs, top=True)

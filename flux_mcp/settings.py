@@ -1,0 +1,90 @@
+"""Configuration from the environment (pydantic-settings), validated before any transport opens.
+
+PiAPI's own names are kept for the two upstream settings (`PIAPI_API_KEY`, `PIAPI_BASE_URL`);
+everything that belongs to this server is `FLUX_MCP_*`. The key is a `SecretStr`, so it prints
+as `**********` in any repr, log line or error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import platformdirs
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+APP_NAME = "flux-mcp"
+DEFAULT_BASE_URL = "https://api.piapi.ai"
+
+IncludeImage = Literal["none", "thumbnail"]
+
+
+def default_output_dir() -> Path:
+    return Path(platformdirs.user_pictures_dir()) / APP_NAME
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+class ConfigurationError(ValueError):
+    """Bad configuration, reported as one line before the server starts."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLUX_MCP_", extra="ignore", populate_by_name=True)
+
+    api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("PIAPI_API_KEY", "api_key"))
+    base_url: str = Field(default=DEFAULT_BASE_URL, validation_alias=AliasChoices("PIAPI_BASE_URL", "base_url"))
+    simulate: bool = False
+    wait_seconds: float = Field(default=45.0, ge=0, le=600)
+    save_images: bool = True
+    output_dir: Path = Field(default_factory=default_output_dir)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    include_image: IncludeImage = "thumbnail"
+    image_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    idempotency_window_seconds: float = Field(default=600.0, ge=0)
+    max_download_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_input_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    request_timeout_seconds: float = Field(default=30.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    @field_validator("image_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        # FLUX_MCP_IMAGE_ROOTS is a path list in the platform's PATH syntax ("a:b" or "a;b").
+        if isinstance(value, str):
+            import os
+
+            return [p for p in value.split(os.pathsep) if p.strip()]
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "tasks.sqlite3"
+
+    def allowed_image_roots(self) -> list[Path]:
+        """Where local input images may be read from: the configured roots, else cwd + outputs."""
+        roots = list(self.image_roots) or [Path.cwd(), self.output_dir]
+        return [Path(r).expanduser().resolve() for r in roots]
+
+    def require_api_key(self) -> str:
+        if self.api_key is None or not self.api_key.get_secret_value().strip():
+            raise ConfigurationError(
+                "PIAPI_API_KEY is not set. Set it to your PiAPI key, or run with --simulate "
+                "(FLUX_MCP_SIMULATE=1) to try the server against the built-in simulator."
+            )
+        return self.api_key.get_secret_value().strip()

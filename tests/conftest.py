@@ -1,0 +1,73 @@
+"""Shared fixtures: every test runs on asyncio, with its data and output under tmp_path."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path, monkeypatch):
+    """No test reads the developer's real settings or writes into their folders."""
+    for name in ("PIAPI_API_KEY", "PIAPI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("FLUX_MCP_"):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLUX_MCP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FLUX_MCP_OUTPUT_DIR", str(tmp_path / "images"))
+
+
+# --- a fast simulator and a server wired to it ------------------------------------------------
+
+FAST_DURATIONS = {
+    "Qubico/flux1-schnell": 0.05,
+    "Qubico/flux1-dev": 0.08,
+    "Qubico/flux1-dev-advanced": 0.1,
+}
+
+
+@pytest.fixture
+async def sim():
+    from flux_mcp.simulator import running_simulator
+
+    async with running_simulator(durations=FAST_DURATIONS) as running:
+        running.state.configure(pending_seconds=0.02)
+        yield running
+
+
+@pytest.fixture
+def settings(sim, tmp_path):
+    from flux_mcp.settings import Settings
+
+    (tmp_path / "work").mkdir()
+    return Settings(
+        api_key=sim.api_key,
+        base_url=sim.base_url,
+        data_dir=tmp_path / "data",
+        output_dir=tmp_path / "images",
+        image_roots=[tmp_path / "work", tmp_path / "images"],
+        wait_seconds=20,
+        request_timeout_seconds=5,
+    )
+
+
+@pytest.fixture
+def fast_options():
+    from flux_mcp.polling import BackoffPolicy
+    from flux_mcp.server import ServerOptions
+
+    return ServerOptions(policy=BackoffPolicy(first=(0.02, 0.02), factor=1.5, cap=0.1))
+
+
+@pytest.fixture
+def server(settings, fast_options):
+    from flux_mcp.server import create_server
+
+    return create_server(settings, fast_options)

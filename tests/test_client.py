@@ -1,0 +1,176 @@
+"""The PiAPI client over `httpx.MockTransport`: auth, error categories, and the retry policy.
+
+The rule under test above all: GET and DELETE are retried, the create POST never is unless the
+request provably did not reach PiAPI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from flux_mcp import errors
+from flux_mcp.client import PiAPIClient, RetryPolicy
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-very-secret-key"
+BASE = "https://api.example.test"
+PAYLOAD = {"model": "Qubico/flux1-dev", "task_type": "txt2img", "input": {"prompt": "a little cat"}}
+
+
+def task(status="pending", **extra):
+    return {"task_id": "t-1", "model": "Qubico/flux1-dev", "task_type": "txt2img", "status": status, **extra}
+
+
+def ok(data):
+    return httpx.Response(200, json={"code": 200, "data": data, "message": "success"})
+
+
+class Script:
+    """Answers requests from a list of responses (or exceptions) and records what it saw."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def make_client(script: Script, sleeps: list[float] | None = None) -> PiAPIClient:
+    async def fake_sleep(seconds: float) -> None:
+        if sleeps is not None:
+            sleeps.append(seconds)
+
+    return PiAPIClient(
+        BASE,
+        KEY,
+        http=httpx.AsyncClient(transport=httpx.MockTransport(script)),
+        retry=RetryPolicy(attempts=4, base_seconds=0.5, cap_seconds=8),
+        sleep=fake_sleep,
+        rand=lambda: 1.0,
+    )
+
+
+async def test_create_sends_the_payload_with_the_api_key():
+    script = Script(ok(task()))
+    record = await make_client(script).create_task(PAYLOAD)
+    assert record.task_id == "t-1" and record.status == "pending"
+    (request,) = script.requests
+    assert request.method == "POST" and str(request.url) == f"{BASE}/api/v1/task"
+    assert request.headers["x-api-key"] == KEY
+    assert json.loads(request.content) == PAYLOAD
+
+
+async def test_get_is_retried_with_backoff_and_retry_after():
+    sleeps: list[float] = []
+    script = Script(
+        httpx.Response(503, json={"code": 503, "message": "busy"}),
+        httpx.Response(429, headers={"Retry-After": "3"}, json={"code": 429, "message": "slow down"}),
+        httpx.Response(200, text="<html>bad gateway</html>"),
+        ok(task("processing")),
+    )
+    record = await make_client(script, sleeps).get_task("t-1")
+    assert record.status == "processing"
+    assert len(script.requests) == 4
+    assert sleeps == [0.5, 3.0, 2.0]  # backoff 0.5, Retry-After 3 wins over 1.0, backoff 2.0
+
+
+async def test_get_gives_up_after_the_attempt_budget_with_a_retryable_error():
+    script = Script(httpx.Response(502, text="bad gateway"))
+    with pytest.raises(errors.UpstreamError) as info:
+        await make_client(script).get_task("t-1")
+    assert len(script.requests) == 4
+    assert info.value.retryable and info.value.task_id == "t-1" and info.value.category == "upstream"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.Response(500, json={"code": 500, "message": "internal"}),
+        httpx.Response(502, text="bad gateway"),
+        httpx.Response(200, text="not json"),
+        httpx.ReadTimeout("read timed out"),
+        httpx.RemoteProtocolError("peer closed"),
+    ],
+    ids=["500", "502", "non-json", "read-timeout", "connection-dropped"],
+)
+async def test_create_is_never_retried_once_the_request_may_have_reached_piapi(failure):
+    script = Script(failure, ok(task()))
+    with pytest.raises(errors.FluxError) as info:
+        await make_client(script).create_task(PAYLOAD)
+    assert len(script.requests) == 1
+    if isinstance(failure, Exception):
+        assert info.value.category == "submit_uncertain"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.ConnectError("connection refused"),
+        httpx.ConnectTimeout("connect timed out"),
+        httpx.Response(429, headers={"Retry-After": "1"}, json={"code": 429, "message": "rate"}),
+    ],
+    ids=["refused", "connect-timeout", "429"],
+)
+async def test_create_is_retried_when_piapi_provably_did_not_take_it(failure):
+    script = Script(failure, ok(task()))
+    record = await make_client(script).create_task(PAYLOAD)
+    assert record.task_id == "t-1" and len(script.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("response", "error_type", "retryable"),
+    [
+        (httpx.Response(401, json={"code": 401, "message": "Unauthorized"}), errors.AuthError, False),
+        (httpx.Response(400, json={"code": 400, "message": "bad prompt"}), errors.InvalidInputError, False),
+        (httpx.Response(200, json={"code": 400, "data": None, "message": "model error"}), errors.InvalidInputError,
+         False),
+        (httpx.Response(200, json={"code": 500, "data": None, "message": "x"}), errors.UpstreamError, True),
+        (httpx.Response(404, json={"code": 404, "message": "task not found"}), errors.NotFoundError, False),
+    ],
+    ids=["401", "400", "envelope-400", "envelope-500", "404"],
+)  # fmt: skip
+async def test_http_and_envelope_errors_become_typed_errors(response, error_type, retryable):
+    script = Script(response)
+    with pytest.raises(error_type) as info:
+        await make_client(script).get_task("t-1")
+    assert info.value.retryable is retryable
+    assert len(script.requests) == (4 if retryable else 1)
+
+
+async def test_the_api_key_never_appears_in_an_error_message():
+    script = Script(httpx.Response(401, json={"code": 401, "message": f"bad key {KEY}"}))
+    with pytest.raises(errors.AuthError) as info:
+        await make_client(script).create_task(PAYLOAD)
+    assert KEY not in str(info.value) and KEY not in json.dumps(info.value.to_dict())
+
+
+async def test_cancel_reports_whether_piapi_accepted():
+    accepted = await make_client(Script(ok(task("cancelled")))).cancel_task("t-1")
+    assert accepted.accepted
+    refused_script = Script(httpx.Response(400, json={"code": 400, "message": "task is already processing"}))
+    refused = await make_client(refused_script).cancel_task("t-1")
+    assert not refused.accepted and "already processing" in refused.message
+    assert refused_script.requests[0].method == "DELETE"
+    assert refused_script.requests[0].url.path == "/api/v1/task/t-1"
+
+
+async def test_downloads_never_carry_the_api_key():
+    script = Script(httpx.Response(200, content=b"\x89PNG...", headers={"content-type": "image/png"}))
+    client = make_client(script)
+    async with client.stream_download("https://img.theapi.app/temp/a.png") as response:
+        assert await response.aread() == b"\x89PNG..."
+    assert "x-api-key" not in script.requests[0].headers
+
+
+async def test_create_without_a_task_id_is_uncertain():
+    with pytest.raises(errors.SubmitUncertainError):
+        await make_client(Script(ok({"status": "pending"}))).create_task(PAYLOAD)
