@@ -1,0 +1,38 @@
+"""Offline PiAPI simulator: a second implementation of PiAPI's Flux task API for tests and demos.
+
+It speaks the same HTTP contract as `https://api.piapi.ai` (create / get / cancel a task, the
+`{code, data, message}` envelope, PiAPI's task object, temporary image URLs) but renders
+placeholder PNGs locally, runs on a clock tests can control, and can be told to misbehave
+(HTTP errors, malformed bodies, failed tasks, late or slow responses, expired files), either
+in-process through `SimulatorState` or over HTTP through the `/_simulator/...` admin routes.
+"""
+
+from flux_mcp.simulator.app import DEFAULT_API_KEY, create_app
+from flux_mcp.simulator.render import output_size, render_png
+from flux_mcp.simulator.server import RunningSimulator, running_simulator, serve
+from flux_mcp.simulator.state import (
+    DEFAULT_DURATIONS,
+    Fault,
+    LogEntry,
+    ManualClock,
+    SimTask,
+    SimulatorConfig,
+    SimulatorState,
+)
+
+__all__ = [
+    "DEFAULT_API_KEY",
+    "DEFAULT_DURATIONS",
+    "Fault",
+    "LogEntry",
+    "ManualClock",
+    "RunningSimulator",
+    "SimTask",
+    "SimulatorConfig",
+    "SimulatorState",
+    "create_app",
+    "output_size",
+    "render_png",
+    "running_simulator",
+    "serve",
+]
