@@ -1,0 +1,342 @@
+"""Every file-system policy of the server: where images are written and which local files may be read.
+
+Both directions are attack surface for a server an agent drives: a task id or a download could
+write outside the output directory, fill the disk, or leave a half-written file that later
+looks complete; an image argument could make the server read `~/.ssh/id_rsa` and ship it to a
+third party. Keeping the rules in one module means there is one place to audit. Writes stream
+into a temp file in the destination directory (size capped while streaming, type checked by
+magic bytes, not by the server's word) and are renamed into place only when complete. Reads
+resolve symlinks first and refuse anything outside the configured roots before a file is
+opened, and a path that does not exist outside the roots is reported as "outside", so the
+resolver cannot be used to probe for files. Blocking IO runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import stat
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlsplit
+
+import anyio
+import anyio.to_thread
+from PIL import Image, ImageOps, features
+
+from flux_mcp import errors
+from flux_mcp.client import PiAPIClient
+from flux_mcp.ledger import SavedImageRow
+
+log = logging.getLogger(__name__)
+
+_SAFE_TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+# Types a file host may send for anything; accepted only when the magic bytes say image.
+_GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/binary"})
+_SNIFF_BYTES = 12
+_PILLOW_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+_DATA_URI = re.compile(r"^data:image/(png|jpeg|webp);base64,(.*)$", re.IGNORECASE | re.DOTALL)
+# Two or more letters, so a Windows drive letter ("C:\\x") still reads as a path.
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def sniff_image_type(head: bytes) -> str | None:
+    """Content type from magic bytes (PNG, JPEG, WebP), or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def check_task_id(task_id: str) -> str:
+    """A task id is used as a file-name component, so it must be one."""
+    if not _SAFE_TASK_ID.fullmatch(task_id) or ".." in task_id:
+        raise errors.StorageError(f"task id {task_id!r} is not safe to use in a file name")
+    return task_id
+
+
+def _cleanup(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+class ImageStore:
+    """Saves downloaded task images as `<task_id>_<n>.<ext>` plus a `<task_id>_<n>.json` sidecar."""
+
+    def __init__(self, output_dir: Path, *, max_bytes: int) -> None:
+        self.output_dir = Path(output_dir)
+        self.max_bytes = max_bytes
+
+    def _open_temp(self, stem: str) -> tuple[IO[bytes], Path]:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.output_dir, prefix=f".{stem}.", suffix=".part")
+        return os.fdopen(fd, "wb"), Path(name)
+
+    def _too_big(self, url: str, size: int | str) -> errors.StorageError:
+        return errors.StorageError(
+            f"downloading {url} stopped: the image is larger than the {self.max_bytes}-byte limit ({size})",
+            hint="Raise FLUX_MCP_MAX_DOWNLOAD_BYTES if this image is expected.",
+        )
+
+    async def save(
+        self, client: PiAPIClient, *, task_id: str, n: int, url: str, sidecar: dict[str, Any]
+    ) -> SavedImageRow:
+        check_task_id(task_id)
+        if n < 0:
+            raise errors.StorageError(f"image index {n} must not be negative", task_id=task_id)
+        stem = f"{task_id}_{n}"
+        try:
+            out, temp = await anyio.to_thread.run_sync(self._open_temp, stem)
+        except OSError as exc:
+            raise errors.StorageError(f"cannot write to {self.output_dir}: {exc}", task_id=task_id) from exc
+        sidecar_temp: Path | None = None
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            head = b""
+            detected: str | None = None
+            async with anyio.wrap_file(out) as writer, client.stream_download(url) as response:
+                declared = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                if declared not in _EXTENSIONS and declared not in _GENERIC_TYPES:
+                    raise errors.StorageError(f"{url} is not an image (Content-Type {declared})")
+                length = response.headers.get("content-length", "")
+                if length.isdigit() and int(length) > self.max_bytes:
+                    raise self._too_big(url, f"Content-Length {length}")
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise self._too_big(url, f"more than {self.max_bytes} bytes received")
+                    if detected is None and len(head) < _SNIFF_BYTES:
+                        head += chunk[: _SNIFF_BYTES - len(head)]
+                        if len(head) >= _SNIFF_BYTES:
+                            detected = self._check_magic(url, head)
+                    digest.update(chunk)
+                    await writer.write(chunk)
+                await writer.flush()
+                await anyio.to_thread.run_sync(os.fsync, out.fileno())
+            if detected is None:
+                detected = self._check_magic(url, head)
+            final = self.output_dir / f"{stem}.{_EXTENSIONS[detected]}"
+            sidecar_path = self.output_dir / f"{stem}.json"
+            sha256 = digest.hexdigest()
+            meta = {
+                **sidecar,
+                "task_id": task_id,
+                "n": n,
+                "source_url": url,
+                "sha256": sha256,
+                "bytes": size,
+                "content_type": detected,
+                "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            sidecar_temp = temp.with_suffix(".json.part")
+
+            def commit() -> None:
+                # Sidecar first: the step most likely to fail (disk full) happens before any rename.
+                sidecar_temp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+                os.replace(temp, final)
+                os.replace(sidecar_temp, sidecar_path)
+
+            await anyio.to_thread.run_sync(commit)
+        except OSError as exc:
+            await self._discard(temp, sidecar_temp)
+            raise errors.StorageError(f"saving {url} failed: {exc}", task_id=task_id) from exc
+        except BaseException as exc:
+            await self._discard(temp, sidecar_temp)
+            if isinstance(exc, errors.FluxError) and exc.task_id is None:
+                exc.task_id = task_id
+            raise
+        log.info("saved %s (%d bytes) to %s", url, size, final)
+        return SavedImageRow(n=n, url=url, path=str(final), sha256=sha256, bytes=size)
+
+    @staticmethod
+    def _check_magic(url: str, head: bytes) -> str:
+        detected = sniff_image_type(head)
+        if detected is None:
+            raise errors.StorageError(f"{url} did not return a PNG, JPEG or WebP image")
+        return detected
+
+    @staticmethod
+    async def _discard(*paths: Path | None) -> None:
+        existing = [p for p in paths if p is not None]
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(lambda: _cleanup(*existing))
+
+
+def _webp_available() -> bool:
+    return bool(features.check("webp"))
+
+
+def make_thumbnail(path: Path, *, max_side: int = 512, max_bytes: int = 200_000) -> tuple[bytes, str]:
+    """A small preview of `path`: longest side <= `max_side` (never upscaled), <= `max_bytes`.
+
+    WebP with quality stepping down 80 -> 40, then smaller dimensions until it fits; JPEG when
+    this Pillow has no WebP. Blocking: call it from a worker thread.
+    """
+    webp = _webp_available()
+    fmt, mime = ("WEBP", "image/webp") if webp else ("JPEG", "image/jpeg")
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            image = image.convert("RGBA" if has_alpha and webp else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise errors.StorageError(f"cannot read {path} as an image: {exc}") from exc
+    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    data = b""
+    while True:
+        for quality in (80, 70, 60, 50, 40):
+            buffer = io.BytesIO()
+            image.save(buffer, format=fmt, quality=quality)
+            data = buffer.getvalue()
+            if len(data) <= max_bytes:
+                return data, mime
+        width, height = image.size
+        if max(width, height) <= 16:
+            log.warning("thumbnail of %s is %d bytes even at %dx%d", path, len(data), width, height)
+            return data, mime
+        image = image.resize((max(1, int(width * 0.75)), max(1, int(height * 0.75))), Image.Resampling.LANCZOS)
+
+
+def _identify(data: bytes) -> str | None:
+    """'png' | 'jpeg' | 'webp' when Pillow recognises the bytes as one of those, else None."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return _PILLOW_FORMATS.get(image.format or "")
+    except Exception:  # Pillow raises many types for malformed input; all mean "not an image".
+        return None
+
+
+def to_data_uri(path: Path, *, max_bytes: int, field: str = "image") -> str:
+    """Turn a local image file (already checked to be inside the roots) into what PiAPI accepts.
+
+    This is the single place to change if we switch to PiAPI's upload endpoint instead of
+    inlining local files as `data:` URIs.
+    """
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise errors.InvalidInputError(f"{field}: {path} is not a regular file")
+        if info.st_size > max_bytes:
+            raise errors.InvalidInputError(
+                f"{field}: {path} is {info.st_size} bytes, more than the {max_bytes}-byte limit"
+            )
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        with os.fdopen(os.open(path, flags | getattr(os, "O_BINARY", 0)), "rb") as handle:
+            opened = os.fstat(handle.fileno())
+            if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+                raise errors.InvalidInputError(f"{field}: {path} changed while it was being read")
+            data = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise errors.InvalidInputError(f"{field}: cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > max_bytes:
+        raise errors.InvalidInputError(f"{field}: {path} is larger than the {max_bytes}-byte limit")
+    fmt = _identify(data)
+    if fmt is None:
+        raise errors.InvalidInputError(f"{field}: {path} is not a PNG, JPEG or WebP image")
+    return f"data:image/{fmt};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+class InputResolver:
+    """Turns an image argument (URL, data URI, local path) into something PiAPI can fetch."""
+
+    def __init__(self, roots: list[Path], *, max_bytes: int) -> None:
+        self.roots = [Path(root).expanduser().resolve() for root in roots]
+        self.max_bytes = max_bytes
+
+    async def resolve(self, value: str, *, field: str) -> str:
+        text = value.strip() if isinstance(value, str) else ""
+        if not text:
+            raise errors.InvalidInputError(f"{field}: expected an image URL, data URI or local file path")
+        lowered = text.lower()
+        if lowered.startswith(("http://", "https://")):
+            try:
+                host = urlsplit(text).hostname
+            except ValueError:
+                host = None
+            if not host:
+                raise errors.InvalidInputError(f"{field}: {text} is not a valid URL")
+            return text
+        if lowered.startswith("data:"):
+            await anyio.to_thread.run_sync(self._check_data_uri, text, field)
+            return text
+        if lowered.startswith("file:"):
+            path_text = self._file_url_path(text, field)
+        elif match := _URL_SCHEME.match(text):
+            raise errors.InvalidInputError(
+                f"{field}: unsupported URL scheme {match.group(1)!r}; use an http(s) URL, a "
+                "data:image/...;base64 URI or a local file path"
+            )
+        else:
+            path_text = text
+        return await anyio.to_thread.run_sync(self._local_to_data_uri, path_text, field)
+
+    @staticmethod
+    def _file_url_path(text: str, field: str) -> str:
+        parts = urlsplit(text)
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise errors.InvalidInputError(f"{field}: {text} is not a local file URL (use file:///absolute/path)")
+        return unquote(parts.path)
+
+    def _check_data_uri(self, text: str, field: str) -> None:
+        match = _DATA_URI.match(text)
+        if match is None:
+            raise errors.InvalidInputError(
+                f"{field}: data URIs must look like data:image/<png|jpeg|webp>;base64,<data>"
+            )
+        encoded = match.group(2)
+        if len(encoded) // 4 * 3 > self.max_bytes + 3:
+            raise errors.InvalidInputError(f"{field}: the data URI is larger than the {self.max_bytes}-byte limit")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise errors.InvalidInputError(f"{field}: the data URI is not valid base64") from exc
+        if len(data) > self.max_bytes:
+            raise errors.InvalidInputError(f"{field}: the data URI is larger than the {self.max_bytes}-byte limit")
+        if _identify(data) is None:
+            raise errors.InvalidInputError(f"{field}: the data URI does not hold a PNG, JPEG or WebP image")
+
+    def _inside_roots(self, path: Path) -> bool:
+        return any(path.is_relative_to(root) for root in self.roots)
+
+    def _outside(self, text: str, field: str) -> errors.InvalidInputError:
+        roots = ", ".join(str(root) for root in self.roots) or "none configured"
+        return errors.InvalidInputError(
+            f"{field}: {text} is outside the allowed image roots ({roots}); set FLUX_MCP_IMAGE_ROOTS to allow more"
+        )
+
+    def _local_to_data_uri(self, text: str, field: str) -> str:
+        try:
+            candidate = Path(text).expanduser()
+        except RuntimeError:  # "~someone" for an unknown user
+            candidate = Path(text)
+        lexical = Path(os.path.abspath(candidate))
+        try:
+            resolved = candidate.resolve(strict=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            # Existence is only reported for paths that would be allowed anyway, so the resolver
+            # cannot be used to probe for files elsewhere.
+            try:
+                best = candidate.resolve(strict=False)
+            except (OSError, RuntimeError, ValueError):
+                best = lexical
+            if not (self._inside_roots(lexical) and self._inside_roots(best)):
+                raise self._outside(text, field) from None
+            raise errors.InvalidInputError(f"{field}: {text} does not exist or cannot be read") from exc
+        if not self._inside_roots(resolved):
+            raise self._outside(text, field)
+        return to_data_uri(resolved, max_bytes=self.max_bytes, field=field)

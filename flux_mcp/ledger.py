@@ -1,0 +1,525 @@
+"""Durable record of every task this server submitted or looked at, shared by all its processes.
+
+A paid task must never be lost or submitted twice, and several server processes (one per MCP
+client) may share one data directory, so the ledger is a SQLite file in WAL mode, written only
+inside `BEGIN IMMEDIATE` transactions with a busy timeout: SQLite's own file lock is the
+cross-process mutex that makes idempotency reservations and download leases atomic. Each
+operation opens a short-lived connection inside a worker thread (`anyio.to_thread`), so no
+connection is ever shared between threads and the event loop never blocks on disk. Rows are
+keyed by a local id because PiAPI's task id is unknown until the create call answers; history
+and saved images hang off that local id. The schema is versioned with `PRAGMA user_version`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import anyio
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict
+
+from flux_mcp import errors
+from flux_mcp.record import TaskRecord
+
+log = logging.getLogger(__name__)
+
+SubmitState = Literal["submitting", "submitted", "uncertain"]
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_SECONDS = 10.0
+_T = TypeVar("_T")
+
+_SCHEMA_V1 = """
+CREATE TABLE tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, local_id TEXT NOT NULL UNIQUE, task_id TEXT UNIQUE,
+    tool TEXT NOT NULL, task_type TEXT NOT NULL, model TEXT NOT NULL,
+    idempotency_key TEXT, fingerprint TEXT, submit_state TEXT NOT NULL, status TEXT,
+    request_json TEXT NOT NULL DEFAULT '{}', payload_json TEXT NOT NULL DEFAULT '{}', record_json TEXT,
+    image_urls_json TEXT NOT NULL DEFAULT '[]', error_json TEXT, estimated_cost_usd REAL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, download_owner TEXT, download_lease_until REAL
+);
+CREATE INDEX tasks_by_key ON tasks (idempotency_key, created_at);
+CREATE INDEX tasks_by_created ON tasks (created_at, seq);
+CREATE TABLE status_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, local_id TEXT NOT NULL, status TEXT NOT NULL, at REAL NOT NULL
+);
+CREATE INDEX history_by_local ON status_history (local_id, id);
+CREATE TABLE images (
+    local_id TEXT NOT NULL, n INTEGER NOT NULL, url TEXT NOT NULL, path TEXT, sha256 TEXT, bytes INTEGER,
+    PRIMARY KEY (local_id, n)
+);
+"""
+# Version N -> script that upgrades a version N-1 file; append, never edit, when the schema changes.
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON payload (sorted keys, no whitespace)."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class SavedImageRow(BaseModel):
+    """One output image: its PiAPI URL and, once downloaded, where and what was saved."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n: int
+    url: str
+    path: str | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+
+
+class LedgerEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    local_id: str
+    task_id: str | None
+    tool: str
+    task_type: str
+    model: str
+    idempotency_key: str | None
+    fingerprint: str | None
+    submit_state: SubmitState
+    status: str | None
+    request: dict[str, Any]
+    payload: dict[str, Any]
+    record: TaskRecord | None
+    error: dict[str, Any] | None
+    images: list[SavedImageRow]
+    estimated_cost_usd: float | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Reservation:
+    entry: LedgerEntry
+    is_new: bool
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction that takes SQLite's write lock up front, so read-then-write is atomic."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _record_error(record: TaskRecord) -> str | None:
+    return _dumps(record.error.model_dump()) if record.error is not None else None
+
+
+def _insert_task(conn: sqlite3.Connection, **values: Any) -> str:
+    local_id = uuid.uuid4().hex
+    values["local_id"] = local_id
+    columns = ", ".join(values)
+    marks = ", ".join(f":{name}" for name in values)
+    conn.execute(f"INSERT INTO tasks ({columns}) VALUES ({marks})", values)
+    return local_id
+
+
+_PLAIN_COLUMNS = (
+    "local_id", "task_id", "tool", "task_type", "model", "idempotency_key", "fingerprint", "submit_state",
+    "status", "estimated_cost_usd", "created_at", "updated_at",
+)  # fmt: skip
+
+
+class TaskLedger:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._opened = False
+
+    async def __aenter__(self) -> TaskLedger:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Connections live for one operation, so there is nothing to close.
+        return None
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        return conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T], *, ensure_open: bool = True) -> _T:
+        if ensure_open and not self._opened:
+            await self.open()
+
+        def work() -> _T:
+            conn = self._connect()
+            try:
+                return fn(conn)
+            finally:
+                conn.close()
+
+        try:
+            return await anyio.to_thread.run_sync(work)
+        except sqlite3.Error as exc:
+            raise errors.StorageError(f"task ledger {self.path}: {exc}") from exc
+
+    async def open(self) -> None:
+        """Create the directory, switch to WAL and create or migrate the schema; idempotent."""
+
+        def setup(conn: sqlite3.Connection) -> None:
+            # journal_mode is stored in the file; changing it can briefly fail while another
+            # process holds the file, so retry a few times before giving up.
+            for attempt in range(50):
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError:
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.05)
+            with _immediate(conn):
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise errors.StorageError(
+                        f"task ledger {self.path} has schema version {version}, newer than this "
+                        f"server understands ({SCHEMA_VERSION}); upgrade flux-mcp"
+                    )
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[target].split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {target}")
+
+        try:
+            await anyio.to_thread.run_sync(lambda: self.path.parent.mkdir(parents=True, exist_ok=True))
+        except OSError as exc:
+            raise errors.StorageError(f"cannot create the ledger directory {self.path.parent}: {exc}") from exc
+        await self._run(setup, ensure_open=False)
+        self._opened = True
+
+    # --- reading ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _images_for(conn: sqlite3.Connection, local_ids: builtins.list[str]) -> dict[str, builtins.list[SavedImageRow]]:
+        found: dict[str, builtins.list[SavedImageRow]] = {lid: [] for lid in local_ids}
+        if not local_ids:
+            return found
+        marks = ",".join("?" * len(local_ids))
+        rows = conn.execute(
+            f"SELECT * FROM images WHERE local_id IN ({marks}) ORDER BY local_id, n", local_ids
+        ).fetchall()
+        for row in rows:
+            found[row["local_id"]].append(SavedImageRow(**{name: row[name] for name in SavedImageRow.model_fields}))
+        return found
+
+    @classmethod
+    def _entries(cls, conn: sqlite3.Connection, rows: builtins.list[sqlite3.Row]) -> builtins.list[LedgerEntry]:
+        images = cls._images_for(conn, [row["local_id"] for row in rows])
+        return [
+            LedgerEntry(
+                **{name: row[name] for name in _PLAIN_COLUMNS},
+                request=json.loads(row["request_json"]),
+                payload=json.loads(row["payload_json"]),
+                record=TaskRecord.model_validate_json(row["record_json"]) if row["record_json"] else None,
+                error=json.loads(row["error_json"]) if row["error_json"] else None,
+                images=images[row["local_id"]],
+            )
+            for row in rows
+        ]
+
+    @classmethod
+    def _one(cls, conn: sqlite3.Connection, column: str, value: str) -> LedgerEntry | None:
+        row = conn.execute(f"SELECT * FROM tasks WHERE {column} = ?", (value,)).fetchone()
+        return cls._entries(conn, [row])[0] if row is not None else None
+
+    async def get(self, task_id: str) -> LedgerEntry | None:
+        return await self._run(lambda conn: self._one(conn, "task_id", task_id))
+
+    async def get_local(self, local_id: str) -> LedgerEntry | None:
+        return await self._run(lambda conn: self._one(conn, "local_id", local_id))
+
+    async def list(
+        self, *, status: str | None = None, task_type: str | None = None, limit: int = 20
+    ) -> builtins.list[LedgerEntry]:
+        """Newest first; entries whose submission is uncertain (no task id) are included, and
+        `status="uncertain"` selects exactly those."""
+        sql = (
+            "SELECT * FROM tasks WHERE (:status IS NULL OR status = :status OR "
+            "(:status = 'uncertain' AND submit_state = 'uncertain')) AND "
+            "(:task_type IS NULL OR task_type = :task_type) ORDER BY created_at DESC, seq DESC LIMIT :limit"
+        )
+        params = {"status": status, "task_type": task_type, "limit": max(0, limit)}
+        return await self._run(lambda conn: self._entries(conn, conn.execute(sql, params).fetchall()))
+
+    async def history(self, task_id: str) -> builtins.list[tuple[str, float]]:
+        def query(conn: sqlite3.Connection) -> builtins.list[tuple[str, float]]:
+            rows = conn.execute(
+                "SELECT h.status, h.at FROM status_history h JOIN tasks t ON t.local_id = h.local_id "
+                "WHERE t.task_id = ? ORDER BY h.id",
+                (task_id,),
+            ).fetchall()
+            return [(row["status"], row["at"]) for row in rows]
+
+        return await self._run(query)
+
+    async def images(self, task_id: str) -> builtins.list[SavedImageRow]:
+        entry = await self.get(task_id)
+        return entry.images if entry is not None else []
+
+    # --- submission lifecycle ---------------------------------------------------------------
+
+    async def reserve(
+        self,
+        *,
+        idempotency_key: str,
+        window_seconds: float | None,
+        tool: str,
+        task_type: str,
+        model: str,
+        request: dict[str, Any],
+        payload: dict[str, Any],
+        estimated_cost_usd: float,
+    ) -> Reservation:
+        """Claim `idempotency_key`, or return the entry that already holds it within the window."""
+        now = self._clock()
+
+        def reserve(conn: sqlite3.Connection) -> Reservation:
+            with _immediate(conn):
+                sql = "SELECT * FROM tasks WHERE idempotency_key = ?"
+                params: builtins.list[Any] = [idempotency_key]
+                if window_seconds is not None:
+                    sql += " AND created_at >= ?"
+                    params.append(now - window_seconds)
+                row = conn.execute(sql + " ORDER BY created_at DESC, seq DESC LIMIT 1", params).fetchone()
+                if row is not None:
+                    return Reservation(entry=self._entries(conn, [row])[0], is_new=False)
+                local_id = _insert_task(
+                    conn,
+                    tool=tool,
+                    task_type=task_type,
+                    model=model,
+                    idempotency_key=idempotency_key,
+                    fingerprint=fingerprint(payload),
+                    submit_state="submitting",
+                    request_json=_dumps(request),
+                    payload_json=_dumps(payload),
+                    estimated_cost_usd=estimated_cost_usd,
+                    created_at=now,
+                    updated_at=now,
+                )
+                entry = self._one(conn, "local_id", local_id)
+                assert entry is not None
+                return Reservation(entry=entry, is_new=True)
+
+        return await self._run(reserve)
+
+    async def attach(self, local_id: str, record: TaskRecord) -> None:
+        """The create call answered: bind PiAPI's task id to the reservation."""
+        now = self._clock()
+
+        def attach(conn: sqlite3.Connection) -> None:
+            with _immediate(conn):
+                clash = conn.execute(
+                    "SELECT local_id FROM tasks WHERE task_id = ? AND local_id != ?",
+                    (record.task_id, local_id),
+                ).fetchone()
+                if clash is not None:
+                    # Someone fetched the task by id before we attached it: fold that row into ours.
+                    other = clash["local_id"]
+                    conn.execute("UPDATE status_history SET local_id = ? WHERE local_id = ?", (local_id, other))
+                    conn.execute("UPDATE OR IGNORE images SET local_id = ? WHERE local_id = ?", (local_id, other))
+                    conn.execute("DELETE FROM images WHERE local_id = ?", (other,))
+                    conn.execute("DELETE FROM tasks WHERE local_id = ?", (other,))
+                updated = conn.execute(
+                    "UPDATE tasks SET task_id = ?, submit_state = 'submitted', updated_at = ? WHERE local_id = ?",
+                    (record.task_id, now, local_id),
+                ).rowcount
+                if not updated:
+                    raise errors.StorageError(
+                        f"no ledger reservation {local_id} for task {record.task_id}", task_id=record.task_id
+                    )
+                self._apply_record(conn, local_id, record, now)
+
+        await self._run(attach)
+
+    async def mark_uncertain(self, local_id: str, message: str) -> None:
+        """The create may have reached PiAPI; keep the row so a repeat with the same key is refused."""
+        now = self._clock()
+        error = _dumps(errors.SubmitUncertainError(message).to_dict())
+
+        def mark(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE tasks SET submit_state = 'uncertain', error_json = ?, updated_at = ? "
+                "WHERE local_id = ? AND submit_state = 'submitting'",
+                (error, now, local_id),
+            )
+
+        await self._run(mark)
+
+    async def release(self, local_id: str) -> None:
+        """The create provably never reached PiAPI: forget the reservation so a retry may submit."""
+
+        def release(conn: sqlite3.Connection) -> None:
+            with _immediate(conn):
+                row = conn.execute("SELECT task_id FROM tasks WHERE local_id = ?", (local_id,)).fetchone()
+                if row is None or row["task_id"] is not None:
+                    # Already gone, or PiAPI has the task after all: never forget a real task.
+                    return
+                conn.execute("DELETE FROM status_history WHERE local_id = ?", (local_id,))
+                conn.execute("DELETE FROM images WHERE local_id = ?", (local_id,))
+                conn.execute("DELETE FROM tasks WHERE local_id = ?", (local_id,))
+
+        await self._run(release)
+
+    # The spec'd API takes a timeout: the caller decides how long a duplicate request may wait.
+    async def wait_for_submission(self, local_id: str, timeout: float) -> LedgerEntry:  # noqa: ASYNC109
+        """Wait while another caller (maybe another process) is still submitting this entry.
+
+        Returns the latest entry, possibly still `submitting` when `timeout` passes. If the other
+        caller released the reservation, raises a retryable `UpstreamError`: a new call may submit.
+        """
+        with anyio.move_on_after(max(0.0, timeout)):
+            while True:
+                entry = await self.get_local(local_id)
+                if entry is None or entry.submit_state != "submitting":
+                    break
+                await anyio.sleep(0.1)
+        entry = await self.get_local(local_id)
+        if entry is None:
+            raise errors.UpstreamError(
+                "an identical request was being submitted by another caller, but it failed before reaching PiAPI",
+                retryable=True,
+                hint="Call again to submit the task.",
+            )
+        return entry
+
+    # --- status updates ---------------------------------------------------------------------
+
+    @staticmethod
+    def _apply_record(conn: sqlite3.Connection, local_id: str, record: TaskRecord, now: float) -> None:
+        previous = conn.execute(
+            "SELECT status FROM status_history WHERE local_id = ? ORDER BY id DESC LIMIT 1", (local_id,)
+        ).fetchone()
+        conn.execute(
+            "UPDATE tasks SET status = :status, record_json = :record, image_urls_json = :urls, error_json = :error, "
+            "task_type = COALESCE(NULLIF(:task_type, ''), task_type), model = COALESCE(NULLIF(:model, ''), model), "
+            "updated_at = :now WHERE local_id = :local_id",
+            {
+                "status": record.status,
+                "record": record.model_dump_json(),
+                "urls": _dumps(record.image_urls),
+                "error": _record_error(record),
+                "task_type": record.task_type,
+                "model": record.model,
+                "now": now,
+                "local_id": local_id,
+            },
+        )
+        if previous is None or previous["status"] != record.status:
+            conn.execute(
+                "INSERT INTO status_history (local_id, status, at) VALUES (?, ?, ?)",
+                (local_id, record.status, now),
+            )
+
+    async def record(self, record: TaskRecord, *, tool: str | None = None) -> LedgerEntry:
+        """Store PiAPI's latest view of a task, inserting tasks the ledger has not seen before."""
+        now = self._clock()
+
+        def upsert(conn: sqlite3.Connection) -> LedgerEntry:
+            with _immediate(conn):
+                row = conn.execute("SELECT local_id FROM tasks WHERE task_id = ?", (record.task_id,)).fetchone()
+                if row is None:
+                    local_id = _insert_task(
+                        conn,
+                        task_id=record.task_id,
+                        tool=tool or "external",
+                        task_type=record.task_type,
+                        model=record.model,
+                        submit_state="submitted",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                else:
+                    local_id = row["local_id"]
+                self._apply_record(conn, local_id, record, now)
+                entry = self._one(conn, "local_id", local_id)
+                assert entry is not None
+                return entry
+
+        return await self._run(upsert)
+
+    # --- downloads --------------------------------------------------------------------------
+
+    async def claim_downloads(self, task_id: str, owner: str, lease_seconds: float = 120) -> bool:
+        """True if `owner` may download this task's images now.
+
+        False when the task is unknown, its images are already saved (every stored image row has
+        a path), or another owner holds an unexpired lease. Re-claiming one's own lease renews it.
+        """
+        now = self._clock()
+
+        def claim(conn: sqlite3.Connection) -> bool:
+            with _immediate(conn):
+                row = conn.execute(
+                    "SELECT local_id, download_owner, download_lease_until FROM tasks WHERE task_id = ?",
+                    (task_id,),
+                ).fetchone()
+                if row is None:
+                    return False
+                counts = conn.execute(
+                    "SELECT COUNT(*) AS total, COUNT(path) AS saved FROM images WHERE local_id = ?",
+                    (row["local_id"],),
+                ).fetchone()
+                if counts["total"] > 0 and counts["total"] == counts["saved"]:
+                    return False
+                holder, until = row["download_owner"], row["download_lease_until"]
+                if holder is not None and holder != owner and until is not None and until > now:
+                    return False
+                conn.execute(
+                    "UPDATE tasks SET download_owner = ?, download_lease_until = ? WHERE local_id = ?",
+                    (owner, now + lease_seconds, row["local_id"]),
+                )
+                return True
+
+        return await self._run(claim)
+
+    async def save_images(self, task_id: str, images: builtins.list[SavedImageRow]) -> None:
+        """Store the per-image rows (replacing rows with the same n) and drop the download lease."""
+        now = self._clock()
+
+        def save(conn: sqlite3.Connection) -> None:
+            with _immediate(conn):
+                row = conn.execute("SELECT local_id FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+                if row is None:
+                    raise errors.StorageError(f"task {task_id} is not in the ledger", task_id=task_id)
+                conn.executemany(
+                    "INSERT OR REPLACE INTO images (local_id, n, url, path, sha256, bytes) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(row["local_id"], i.n, i.url, i.path, i.sha256, i.bytes) for i in images],
+                )
+                conn.execute(
+                    "UPDATE tasks SET download_owner = NULL, download_lease_until = NULL, updated_at = ? "
+                    "WHERE local_id = ?",
+                    (now, row["local_id"]),
+                )
+
+        await self._run(save)
