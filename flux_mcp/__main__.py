@@ -1,0 +1,3 @@
+from flux_mcp.cli import main
+
+main()

@@ -1,0 +1,98 @@
+"""Command line: `flux-mcp` (stdio server), `serve`, `demo`, `simulator`.
+
+Configuration errors are reported as one line on stderr with exit code 2, before any transport
+opens. Logs always go to stderr: on stdio, stdout belongs to the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from flux_mcp.settings import ConfigurationError, Settings
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _load_settings(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    if getattr(args, "simulate", False):
+        overrides["simulate"] = True
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "settings"
+        raise ConfigurationError(f"invalid setting {name}: {first['msg']}") from None
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from flux_mcp.server import create_server
+
+    settings = _load_settings(args)
+    _configure_logging(settings.log_level)
+    server = create_server(settings)
+    if args.transport == "http":
+        server.run("streamable-http", host=args.host, port=args.port)
+    else:
+        server.run()
+
+
+def _demo(args: argparse.Namespace) -> None:
+    import anyio
+
+    from flux_mcp.demo import run_demo
+
+    _configure_logging("WARNING")
+    raise SystemExit(anyio.run(run_demo, args.output_dir))
+
+
+def _simulator(args: argparse.Namespace) -> None:
+    from flux_mcp.simulator import serve
+
+    _configure_logging("INFO")
+    serve(host=args.host, port=args.port, api_key=args.api_key)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flux-mcp", description="MCP server for Flux on PiAPI.")
+    parser.add_argument("--simulate", action="store_true", help="use the built-in PiAPI simulator (no key)")
+    parser.set_defaults(func=_serve, transport="stdio", host="127.0.0.1", port=8000)
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the MCP server (default: stdio)")
+    serve.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--simulate", action="store_true", help="use the built-in PiAPI simulator (no key)")
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo", help="end-to-end demo: every task type against the simulator")
+    demo.add_argument("--output-dir", default="demo-output", help="where the demo writes images and its ledger")
+    demo.set_defaults(func=_demo)
+
+    sim = sub.add_parser("simulator", help="run the PiAPI simulator as a standalone HTTP server")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8089)
+    sim.add_argument("--api-key", default="sim-key", help="the X-API-Key the simulator accepts")
+    sim.set_defaults(func=_simulator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigurationError as exc:
+        print(f"flux-mcp: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,262 @@
+"""The task lifecycle: validate, submit once, wait, record, keep the images. No MCP in here.
+
+`TaskService` is what every tool calls. Its guarantees, each enforced in one method:
+- `prepare`: arguments become a validated `TaskRequest`, and local image paths become data URIs
+  (through `files.InputResolver`), before anything is sent or recorded.
+- `submit`: every create goes through the ledger's idempotency reservation first, so a repeat of
+  the same request (same `idempotency_key`, or the same payload within the window) re-attaches to
+  the task already paid for. A create whose outcome is unknown is recorded as `uncertain` and
+  reported as `submit_uncertain`; it is never resubmitted behind the caller's back.
+- `wait`: polls with `polling.wait_for_task`, writes every status change to the ledger, and at
+  the deadline returns the live record (the task id is never lost).
+- `finish`: a completed task's images are downloaded exactly once (a ledger lease arbitrates
+  between processes) into the output directory, with sidecars.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+from flux_mcp import errors
+from flux_mcp.catalog import TaskRequest, TaskType
+from flux_mcp.client import CancelOutcome, PiAPIClient
+from flux_mcp.files import ImageStore, InputResolver
+from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint
+from flux_mcp.parameters import build_request
+from flux_mcp.polling import DEFAULT_POLICY, OnUpdate, PollPolicy, wait_for_task
+from flux_mcp.record import TaskRecord
+from flux_mcp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OTHER_PROCESS_SUBMIT_WAIT_SECONDS = 30.0
+DOWNLOAD_WAIT_SECONDS = 30.0
+_DATA_URI_PREVIEW = 48
+
+
+def summarise_payload(value: Any) -> Any:
+    """The payload as shown to models and stored in the ledger: data URIs shortened."""
+    if isinstance(value, dict):
+        return {k: summarise_payload(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [summarise_payload(v) for v in value]
+    if isinstance(value, str) and value.startswith("data:") and len(value) > _DATA_URI_PREVIEW * 2:
+        return f"{value[:_DATA_URI_PREVIEW]}...({len(value)} chars)"
+    return value
+
+
+@dataclass(frozen=True)
+class Submission:
+    record: TaskRecord
+    reattached: bool = False
+    reattached_at: float | None = None
+
+
+@dataclass
+class TaskOutcome:
+    """A task as the tools present it: the record plus local copies and a note for the caller."""
+
+    record: TaskRecord
+    images: list[SavedImageRow] = field(default_factory=list)
+    reattached: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class TaskService:
+    def __init__(
+        self,
+        settings: Settings,
+        client: PiAPIClient,
+        ledger: TaskLedger,
+        *,
+        store: ImageStore | None,
+        resolver: InputResolver,
+        policy: PollPolicy = DEFAULT_POLICY,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.ledger = ledger
+        self.store = store
+        self.resolver = resolver
+        self.policy = policy
+        self._clock = clock
+        self._sleep = sleep
+        self._owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    # --- before anything is sent ------------------------------------------------------------
+
+    async def prepare(self, task_type: TaskType, args: dict[str, Any]) -> TaskRequest:
+        resolved = dict(args)
+        for name in ("image", "control_image"):
+            if resolved.get(name):
+                resolved[name] = await self.resolver.resolve(resolved[name], field=name)
+        return build_request(task_type, resolved)
+
+    # --- submit exactly once ----------------------------------------------------------------
+
+    def _idempotency(self, tool: str, payload: dict[str, Any], key: str | None) -> tuple[str, float | None]:
+        if key:
+            return f"key:{key}", None
+        window = self.settings.idempotency_window_seconds
+        if window <= 0:
+            return f"once:{uuid.uuid4().hex}", 0.0
+        return f"fp:{tool}:{fingerprint(payload)}", window
+
+    async def submit(self, tool: str, request: TaskRequest, *, idempotency_key: str | None = None) -> Submission:
+        payload = request.to_payload()
+        key, window = self._idempotency(tool, payload, idempotency_key)
+        reservation = await self.ledger.reserve(
+            idempotency_key=key,
+            window_seconds=window,
+            tool=tool,
+            task_type=request.task_type.value,
+            model=request.model.value,
+            request=summarise_payload(payload),
+            payload=summarise_payload(payload),
+            estimated_cost_usd=request.estimated_cost_usd,
+        )
+        if not reservation.is_new:
+            return await self._reattach(reservation.entry)
+        local_id = reservation.entry.local_id
+        try:
+            record = await self.client.create_task(payload)
+        except errors.SubmitUncertainError as exc:
+            await self.ledger.mark_uncertain(local_id, exc.message)
+            raise
+        except errors.FluxError:
+            await self.ledger.release(local_id)
+            raise
+        except BaseException:
+            # Cancelled (or crashed) mid-request: the POST may have landed, so say so durably.
+            with anyio.CancelScope(shield=True):
+                await self.ledger.mark_uncertain(local_id, "the request was interrupted while creating the task")
+            raise
+        await self.ledger.attach(local_id, record)
+        return Submission(record=record)
+
+    async def _reattach(self, entry: LedgerEntry) -> Submission:
+        if entry.submit_state == "submitting":
+            entry = await self.ledger.wait_for_submission(entry.local_id, OTHER_PROCESS_SUBMIT_WAIT_SECONDS)
+        if entry.submit_state == "uncertain" or entry.task_id is None:
+            when = datetime.fromtimestamp(entry.created_at, UTC).isoformat(timespec="seconds")
+            raise errors.SubmitUncertainError(
+                f"an identical request submitted at {when} has an unknown outcome, so it is not sent again"
+            )
+        record = entry.record or TaskRecord(task_id=entry.task_id, model=entry.model, task_type=entry.task_type)
+        return Submission(record=record, reattached=True, reattached_at=entry.created_at)
+
+    # --- wait, record, finish ---------------------------------------------------------------
+
+    async def wait(
+        self,
+        task_id: str,
+        *,
+        timeout: float,
+        on_update: OnUpdate | None = None,
+        initial: TaskRecord | None = None,
+    ) -> TaskRecord:
+        last_status = initial.status if initial is not None else None
+
+        async def record_then_report(record: TaskRecord, elapsed: float) -> None:
+            nonlocal last_status
+            if record.status != last_status:
+                last_status = record.status
+                await self.ledger.record(record)
+            if on_update is not None:
+                await on_update(record, elapsed)
+
+        return await wait_for_task(
+            self.client.get_task,
+            task_id,
+            timeout=timeout,
+            on_update=record_then_report,
+            policy=self.policy,
+            clock=self._clock,
+            sleep=self._sleep,
+            initial=initial,
+        )
+
+    async def finish(self, record: TaskRecord) -> TaskOutcome:
+        """Record the latest state and, for a completed task, make sure local copies exist."""
+        entry = await self.ledger.record(record)
+        outcome = TaskOutcome(record=record, images=list(entry.images))
+        if record.status != "completed" or self.store is None or not record.image_urls:
+            return outcome
+        outcome.images = await self._ensure_downloads(record, entry, outcome.notes)
+        return outcome
+
+    async def _ensure_downloads(self, record: TaskRecord, entry: LedgerEntry, notes: list[str]) -> list[SavedImageRow]:
+        assert self.store is not None
+        if _all_saved(entry.images, record.image_urls):
+            return list(entry.images)
+        deadline = self._clock() + DOWNLOAD_WAIT_SECONDS
+        while not await self.ledger.claim_downloads(record.task_id, self._owner):
+            # Another process holds the lease: wait for its copies rather than download twice.
+            saved = await self.ledger.images(record.task_id)
+            if _all_saved(saved, record.image_urls) or self._clock() >= deadline:
+                return saved
+            await self._sleep(0.2)
+        existing = {row.n: row for row in await self.ledger.images(record.task_id) if row.path}
+        rows: list[SavedImageRow] = []
+        sidecar = {
+            "model": record.model,
+            "task_type": record.task_type,
+            "tool": entry.tool,
+            "request": entry.request,
+        }
+        for n, url in enumerate(record.image_urls):
+            if n in existing:
+                rows.append(existing[n])
+                continue
+            try:
+                rows.append(await self.store.save(self.client, task_id=record.task_id, n=n, url=url, sidecar=sidecar))
+            except errors.FluxError as exc:
+                log.warning("could not save image %d of %s: %s", n, record.task_id, exc.message)
+                notes.append(f"image {n} was not saved locally ({exc.message}); its URL is temporary")
+                rows.append(SavedImageRow(n=n, url=url, path=None, sha256=None, bytes=None))
+        with anyio.CancelScope(shield=True):
+            await self.ledger.save_images(record.task_id, rows)
+        return rows
+
+    # --- the read side ----------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskOutcome:
+        """One GET from PiAPI (a task unknown to the ledger gets recorded), then `finish`."""
+        try:
+            record = await self.client.get_task(task_id)
+        except errors.NotFoundError:
+            entry = await self.ledger.get(task_id)
+            if entry is None or entry.record is None:
+                raise
+            # PiAPI forgot the task (retention), but the ledger still has it and its copies.
+            outcome = TaskOutcome(record=entry.record, images=list(entry.images))
+            outcome.notes.append("PiAPI no longer knows this task; showing the last recorded state")
+            return outcome
+        return await self.finish(record)
+
+    async def cancel(self, task_id: str) -> tuple[CancelOutcome, TaskOutcome]:
+        result = await self.client.cancel_task(task_id)
+        log.info("cancel of %s: %s", task_id, result.message)
+        return result, await self.get(task_id)
+
+    async def cancel_quietly(self, task_id: str) -> None:
+        """Best-effort cancel for an abandoned wait; must be called inside a shielded scope."""
+        with anyio.move_on_after(10):
+            result = await self.client.cancel_task(task_id)
+            log.warning("client abandoned the wait for %s; cancel sent: %s", task_id, result.message)
+
+
+def _all_saved(rows: list[SavedImageRow], urls: list[str]) -> bool:
+    saved = {row.n for row in rows if row.path}
+    return all(n in saved for n in range(len(urls)))
