@@ -26,7 +26,7 @@ import anyio
 import httpx
 
 from flux_mcp import errors
-from flux_mcp.record import TaskRecord
+from flux_mcp.record import TaskRecord, is_valid_task_id
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,12 @@ class PiAPIClient:
     # --- internals -------------------------------------------------------------------------
 
     async def _with_retries(self, method: str, path: str, *, task_id: str | None) -> dict[str, Any]:
+        if task_id is not None and not is_valid_task_id(task_id):
+            # The id becomes part of the URL path: never let it walk to another endpoint.
+            raise errors.InvalidInputError(
+                f"task_id {task_id!r} is not a PiAPI task id",
+                hint="Pass the task_id exactly as a flux_* result returned it.",
+            )
         for attempt in range(self.retry.attempts):
             try:
                 return await self._send(method, path, task_id=task_id)

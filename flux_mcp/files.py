@@ -36,10 +36,10 @@ from PIL import Image, ImageOps, features
 from flux_mcp import errors
 from flux_mcp.client import PiAPIClient
 from flux_mcp.ledger import SavedImageRow
+from flux_mcp.record import is_valid_task_id
 
 log = logging.getLogger(__name__)
 
-_SAFE_TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 # Types a file host may send for anything; accepted only when the magic bytes say image.
 _GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/binary"})
@@ -63,7 +63,7 @@ def sniff_image_type(head: bytes) -> str | None:
 
 def check_task_id(task_id: str) -> str:
     """A task id is used as a file-name component, so it must be one."""
-    if not _SAFE_TASK_ID.fullmatch(task_id) or ".." in task_id:
+    if not is_valid_task_id(task_id):
         raise errors.StorageError(f"task id {task_id!r} is not safe to use in a file name")
     return task_id
 

@@ -15,9 +15,10 @@ payload says only what the caller chose.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from flux_mcp import catalog as c
 from flux_mcp.errors import InvalidInputError
@@ -114,6 +115,21 @@ class TaskTool:
     def all_parameters(self) -> list[ToolParameter]:
         names = (("model",) if self.fixed_model is None else ()) + self.parameters + COMMON_PARAMETERS
         return [PARAMETERS[n] for n in names]
+
+    @cached_property
+    def arguments_model(self) -> type[BaseModel]:
+        """The tool's arguments as one pydantic model: its JSON schema is what tools/list
+        publishes, and validating with it turns every bad argument into `InvalidInputError`."""
+        fields: dict[str, Any] = {
+            p.name: (p.annotation, ... if p.default is REQUIRED else p.default) for p in self.all_parameters()
+        }
+        return create_model(f"{self.name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
+
+    def validate_arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return dict(self.arguments_model.model_validate(arguments))
+        except ValidationError as exc:
+            raise InvalidInputError(c.describe_validation_error(exc)) from exc
 
 
 _ADV = "Runs on Qubico/flux1-dev-advanced ($0.02/image)."

@@ -42,6 +42,14 @@ _UNSET_TIME_PREFIX = "0001-01-01"
 _FRACTION = re.compile(r"\.(\d+)")
 
 
+_TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def is_valid_task_id(task_id: str) -> bool:
+    """PiAPI ids are UUIDs; anything that could change a URL path or a file name is refused."""
+    return bool(_TASK_ID.fullmatch(task_id)) and ".." not in task_id
+
+
 def normalise_status(raw: object) -> Status:
     """Lowercase PiAPI's status word; anything unknown (or missing) means still running."""
     word = str(raw or "").strip().lower().replace("-", "_").replace(" ", "_")

@@ -38,7 +38,7 @@ from flux_mcp.errors import FluxError
 from flux_mcp.files import ImageStore, InputResolver
 from flux_mcp.ledger import TaskLedger
 from flux_mcp.lifecycle import TaskOutcome, TaskService, summarise_payload
-from flux_mcp.parameters import REQUIRED, TASK_TOOLS, TaskTool
+from flux_mcp.parameters import TASK_TOOLS, TaskTool
 from flux_mcp.polling import DEFAULT_POLICY, PollPolicy
 from flux_mcp.record import TaskRecord
 from flux_mcp.results import CancelResult, TaskResult, error_result, task_result, to_call_result
@@ -67,6 +67,7 @@ INSTRUCTIONS = (
 
 TaskId = Annotated[str, Field(description="task_id from a flux_* result.")]
 ReturnsTask = Annotated[CallToolResult, TaskResult]
+_UNSET: Any = None  # lenient task-tool signatures default every argument to this
 ListStatus = Literal["pending", "processing", "completed", "failed", "cancelled", "uncertain"]
 TaskTypeName = Literal[
     "txt2img", "img2img", "txt2img-lora", "img2img-lora",
@@ -196,21 +197,26 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
 
 
 def _task_tool_function(tool: TaskTool) -> Callable[..., Awaitable[CallToolResult]]:
-    """A coroutine function whose signature is the tool's parameters, for the SDK to introspect."""
+    """A coroutine function taking the tool's parameters by name.
+
+    The SDK validates arguments against a function's signature before the tool runs and reports
+    failures as plain text. These signatures are therefore lenient (`Any`); the strict schema is
+    published from `tool.arguments_model` (see `_publish_schemas`), and the tool validates with the
+    same model itself, so a bad argument comes back as the structured `invalid_input` error.
+    """
     params = [
-        inspect.Parameter(
-            p.name,
-            inspect.Parameter.KEYWORD_ONLY,
-            default=inspect.Parameter.empty if p.default is REQUIRED else p.default,
-            annotation=p.annotation,
-        )
+        inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=_UNSET, annotation=Any)
         for p in tool.all_parameters()
     ]
     params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context))
 
     async def run(**kwargs: Any) -> CallToolResult:
         ctx = kwargs.pop("ctx")
-        return await _run_task_tool(tool, ctx, kwargs)
+        try:
+            args = tool.validate_arguments({k: v for k, v in kwargs.items() if v is not _UNSET})
+        except FluxError as exc:
+            return await _failure(exc, task_type=tool.task_type.value, model=str(tool.fixed_model or ""))
+        return await _run_task_tool(tool, ctx, args)
 
     run.__name__ = run.__qualname__ = tool.name
     run.__signature__ = inspect.Signature(params, return_annotation=ReturnsTask)  # type: ignore[attr-defined]
@@ -282,16 +288,20 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
         )
     _register_task_management(mcp)
     _register_resources(mcp)
-    _compact_schemas(mcp)
+    _publish_schemas(mcp)
     return mcp
 
 
-def _compact_schemas(mcp: MCPServer) -> None:
-    # Pydantic adds a `title` to every property after any per-field hook has run, and output
-    # models arrive behind `$ref`s named by the SDK's generator, so both schemas are compacted
-    # here, once, on the registered tools (the SDK reads `fn_metadata.output_schema` live).
-    # `_tool_manager` is the SDK's registry; tests/test_server_protocol.py measures the result.
+def _publish_schemas(mcp: MCPServer) -> None:
+    # Task tools publish their strict argument model (their signatures are lenient, see
+    # `_task_tool_function`). Pydantic adds a `title` to every property after any per-field hook
+    # has run, and output models arrive behind `$ref`s named by the SDK's generator, so schemas
+    # are compacted here, once, on the registered tools (the SDK reads `fn_metadata.output_schema`
+    # live). `_tool_manager` is the SDK's registry; tests/test_server_protocol.py measures tools/list.
+    strict = {t.name: t.arguments_model.model_json_schema() for t in TASK_TOOLS}
     for tool in mcp._tool_manager.list_tools():
+        if tool.name in strict:
+            tool.parameters = strict[tool.name]
         strip_titles(tool.parameters)
         if tool.fn_metadata.output_schema is not None:
             tool.fn_metadata.output_schema = compact_output(tool.fn_metadata.output_schema)

