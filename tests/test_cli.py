@@ -1,0 +1,110 @@
+"""The command line as a user meets it: startup errors, the standalone simulator, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+SEED_REQUEST = {
+    "model": "Qubico/flux1-dev",
+    "task_type": "txt2img",
+    "input": {"prompt": "a little cat", "width": 1024, "height": 1024},
+}
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIAPI_", "FLUX_MCP_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "flux_mcp", *args],
+        env=base | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "PIAPI_API_KEY is not set"),
+        ({"PIAPI_API_KEY": "k", "PIAPI_BASE_URL": "ftp://example"}, "invalid setting PIAPI_BASE_URL"),
+        ({"PIAPI_API_KEY": "k", "FLUX_MCP_WAIT_SECONDS": "-1"}, "invalid setting wait_seconds"),
+    ],
+)
+def test_bad_configuration_is_one_line_on_stderr_before_any_transport(env, expected):
+    result = run_cli(env=env, timeout=30)
+    assert result.returncode == 2
+    assert result.stdout == ""  # stdout belongs to the protocol
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_api_key_is_never_echoed():
+    result = run_cli(env={"PIAPI_API_KEY": "sk-secret-value", "PIAPI_BASE_URL": "nope"}, timeout=30)
+    assert "sk-secret-value" not in result.stderr + result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_standalone_simulator_completes_the_seed_request_with_a_downloadable_png(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flux_mcp", "simulator", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        headers = {"X-API-Key": "sim-key"}
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                created = httpx.post(f"{base}/api/v1/task", json=SEED_REQUEST, headers=headers)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "simulator did not start"
+                time.sleep(0.1)
+        assert created.status_code == 200 and created.json()["code"] == 200
+        task_id = created.json()["data"]["task_id"]
+        while True:
+            data = httpx.get(f"{base}/api/v1/task/{task_id}", headers=headers).json()["data"]
+            if data["status"] == "completed":
+                break
+            assert time.monotonic() < deadline, data["status"]
+            time.sleep(0.2)
+        image = httpx.get(data["output"]["image_url"])
+        assert image.headers["content-type"] == "image/png"
+        (tmp_path / "cat.png").write_bytes(image.content)
+        with Image.open(tmp_path / "cat.png") as png:
+            assert png.size == (1024, 1024)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_demo_runs_every_task_tool_to_completion(tmp_path):
+    result = run_cli("demo", "--output-dir", str(tmp_path / "demo"), timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all tools completed" in result.stdout
+    assert "reattached=True" in result.stdout
+    images = sorted((tmp_path / "demo" / "images").glob("*.png"))
+    sidecars = sorted((tmp_path / "demo" / "images").glob("*.json"))
+    assert len(images) == len(sidecars) >= 10
+    assert json.loads(sidecars[0].read_text())["sha256"]
+    assert (tmp_path / "demo" / "data" / "tasks.sqlite3").is_file()
