@@ -165,7 +165,8 @@ class TaskService:
         timeout: float,
         on_update: OnUpdate | None = None,
         initial: TaskRecord | None = None,
-    ) -> TaskRecord:
+    ) -> TaskOutcome:
+        """Wait up to `timeout` seconds, then `finish` whatever state the task is in."""
         last_status = initial.status if initial is not None else None
 
         async def record_then_report(record: TaskRecord, elapsed: float) -> None:
@@ -176,16 +177,20 @@ class TaskService:
             if on_update is not None:
                 await on_update(record, elapsed)
 
-        return await wait_for_task(
-            self.client.get_task,
-            task_id,
-            timeout=timeout,
-            on_update=record_then_report,
-            policy=self.policy,
-            clock=self._clock,
-            sleep=self._sleep,
-            initial=initial,
-        )
+        try:
+            record = await wait_for_task(
+                self.client.get_task,
+                task_id,
+                timeout=timeout,
+                on_update=record_then_report,
+                policy=self.policy,
+                clock=self._clock,
+                sleep=self._sleep,
+                initial=initial,
+            )
+        except errors.NotFoundError:
+            return await self._forgotten(task_id)
+        return await self.finish(record)
 
     async def finish(self, record: TaskRecord) -> TaskOutcome:
         """Record the latest state and, for a completed task, make sure local copies exist."""
@@ -236,14 +241,17 @@ class TaskService:
         try:
             record = await self.client.get_task(task_id)
         except errors.NotFoundError:
-            entry = await self.ledger.get(task_id)
-            if entry is None or entry.record is None:
-                raise
-            # PiAPI forgot the task (retention), but the ledger still has it and its copies.
-            outcome = TaskOutcome(record=entry.record, images=list(entry.images))
-            outcome.notes.append("PiAPI no longer knows this task; showing the last recorded state")
-            return outcome
+            return await self._forgotten(task_id)
         return await self.finish(record)
+
+    async def _forgotten(self, task_id: str) -> TaskOutcome:
+        """PiAPI no longer knows the task (retention); the ledger may still have it and its copies."""
+        entry = await self.ledger.get(task_id)
+        if entry is None or entry.record is None:
+            raise errors.NotFoundError(f"neither PiAPI nor the local ledger knows task {task_id}", task_id=task_id)
+        outcome = TaskOutcome(record=entry.record, images=list(entry.images))
+        outcome.notes.append("PiAPI no longer knows this task; this is the last recorded state")
+        return outcome
 
     async def cancel(self, task_id: str) -> tuple[CancelOutcome, TaskOutcome]:
         result = await self.client.cancel_task(task_id)
@@ -255,6 +263,10 @@ class TaskService:
         with anyio.move_on_after(10):
             result = await self.client.cancel_task(task_id)
             log.warning("client abandoned the wait for %s; cancel sent: %s", task_id, result.message)
+            try:  # so flux_list_tasks shows the outcome without another call
+                await self.ledger.record(await self.client.get_task(task_id))
+            except errors.FluxError as exc:
+                log.info("could not refresh %s after the cancel: %s", task_id, exc.message)
 
 
 def _all_saved(rows: list[SavedImageRow], urls: list[str]) -> bool:

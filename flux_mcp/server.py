@@ -30,6 +30,7 @@ import anyio
 import httpx
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
@@ -38,7 +39,7 @@ from flux_mcp.errors import FluxError
 from flux_mcp.files import ImageStore, InputResolver
 from flux_mcp.ledger import TaskLedger
 from flux_mcp.lifecycle import TaskOutcome, TaskService, summarise_payload
-from flux_mcp.parameters import TASK_TOOLS, TaskTool
+from flux_mcp.parameters import PARAMETERS, TASK_TOOLS, TaskTool
 from flux_mcp.polling import DEFAULT_POLICY, PollPolicy
 from flux_mcp.record import TaskRecord
 from flux_mcp.results import CancelResult, TaskResult, error_result, task_result, to_call_result
@@ -134,8 +135,11 @@ def _settings_include(settings: Settings, include_image: str | None) -> str:
     return include_image or settings.include_image
 
 
-async def _failure(exc: FluxError, *, task_type: str = "", model: str = "") -> CallToolResult:
-    return await to_call_result(error_result(exc, task_type=task_type, model=model), is_error=True)
+async def _failure(exc: FluxError, *, task_type: str = "", model: str = "", cancel: bool = False) -> CallToolResult:
+    result = error_result(exc, task_type=task_type, model=model)
+    if cancel:  # flux_cancel_task publishes CancelResult: its errors must match that schema too
+        result = CancelResult(**dict(result), cancel_accepted=False)
+    return await to_call_result(result, is_error=True)
 
 
 async def _present(
@@ -182,8 +186,7 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
     progress = _Progress(ctx)
     try:
         # `initial` makes the first progress notification carry the task id before any waiting.
-        record = await service.wait(record.task_id, timeout=wait_seconds, on_update=progress.send, initial=record)
-        outcome = await service.finish(record)
+        outcome = await service.wait(record.task_id, timeout=wait_seconds, on_update=progress.send, initial=record)
     except anyio.get_cancelled_exc_class():
         if not submission.reattached:
             with anyio.CancelScope(shield=True):
@@ -215,7 +218,8 @@ def _task_tool_function(tool: TaskTool) -> Callable[..., Awaitable[CallToolResul
         try:
             args = tool.validate_arguments({k: v for k, v in kwargs.items() if v is not _UNSET})
         except FluxError as exc:
-            return await _failure(exc, task_type=tool.task_type.value, model=str(tool.fixed_model or ""))
+            model = tool.fixed_model or kwargs.get("model") or PARAMETERS["model"].default
+            return await _failure(exc, task_type=tool.task_type.value, model=str(model))
         return await _run_task_tool(tool, ctx, args)
 
     run.__name__ = run.__qualname__ = tool.name
@@ -330,8 +334,7 @@ def _register_task_management(mcp: MCPServer) -> None:
         timeout = state.settings.wait_seconds if wait_seconds is None else wait_seconds
         progress = _Progress(ctx)
         try:
-            record = await state.service.wait(task_id, timeout=timeout, on_update=progress.send)
-            outcome = await state.service.finish(record)
+            outcome = await state.service.wait(task_id, timeout=timeout, on_update=progress.send)
         except FluxError as exc:
             exc.task_id = exc.task_id or task_id
             return await _failure(exc)
@@ -345,7 +348,7 @@ def _register_task_management(mcp: MCPServer) -> None:
             cancel, outcome = await state.service.cancel(task_id)
         except FluxError as exc:
             exc.task_id = exc.task_id or task_id
-            return await _failure(exc)
+            return await _failure(exc, cancel=True)
         outcome.notes.insert(0, cancel.message + ".")
         return await _present(outcome, "none", cancel_accepted=cancel.accepted)
 
@@ -390,7 +393,7 @@ def _register_resources(mcp: MCPServer) -> None:
         ledger = _state(ctx).service.ledger
         entry = await ledger.get(task_id)
         if entry is None:
-            raise ValueError(f"task {task_id} is not in the local ledger")
+            raise ResourceNotFoundError(f"task {task_id} is not in the local ledger")
         body = entry.model_dump(mode="json")
         body["history"] = [{"status": s, "at": at} for s, at in await ledger.history(task_id)]
         return json.dumps(body)
@@ -401,5 +404,5 @@ def _register_resources(mcp: MCPServer) -> None:
         rows = await _state(ctx).service.ledger.images(task_id)
         row = next((r for r in rows if str(r.n) == n and r.path), None)
         if row is None:
-            raise ValueError(f"no local copy of image {n} of task {task_id}")
+            raise ResourceNotFoundError(f"no local copy of image {n} of task {task_id}")
         return await anyio.Path(row.path).read_bytes()

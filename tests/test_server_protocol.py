@@ -334,3 +334,83 @@ async def test_resources_outlive_piapi_urls(client, sim):
     record = json.loads((await client.read_resource(f"flux://tasks/{task_id}")).contents[0].text)
     assert record["task_id"] == task_id and record["status"] == "completed"
     assert [h["status"] for h in record["history"]][-1] == "completed"
+
+
+async def test_a_task_submitted_elsewhere_is_fetched_and_recorded(client, sim):
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        created = await http.post(
+            f"{sim.base_url}/api/v1/task",
+            headers={"X-API-Key": sim.api_key},
+            json={"model": "Qubico/flux1-schnell", "task_type": "txt2img", "input": {"prompt": "from the dashboard"}},
+        )
+    task_id = created.json()["data"]["task_id"]
+    done = await client.call_tool("flux_wait_task", {"task_id": task_id, "wait_seconds": 10})
+    assert done.structured_content["status"] == "completed"
+    assert Path(done.structured_content["images"][0]["path"]).is_file()
+    listed = (await client.call_tool("flux_list_tasks", {})).structured_content["tasks"]
+    assert [(t["task_id"], t["tool"]) for t in listed] == [(task_id, "external")]
+
+
+async def test_a_task_piapi_forgot_is_answered_from_the_ledger(client, sim):
+    result = await client.call_tool("flux_txt2img", {"prompt": "remember me"})
+    task_id = result.structured_content["task_id"]
+    sim.state.reset()  # PiAPI's retention ran out: the task and its files are gone
+    for tool in ("flux_get_task", "flux_wait_task"):
+        again = await client.call_tool(tool, {"task_id": task_id})
+        assert again.is_error is False
+        assert again.structured_content["status"] == "completed"
+        assert again.structured_content["images"] == result.structured_content["images"]
+        assert "no longer knows" in again.structured_content["next_step"]
+
+
+async def test_an_unknown_task_is_a_not_found_error(client):
+    result = await client.call_tool("flux_get_task", {"task_id": "0b0e6a8c-0000-4000-8000-000000000000"})
+    assert result.is_error is True
+    assert result.structured_content["error"]["category"] == "not_found"
+
+
+# --- every result, success or error, matches the schema the tool publishes ---------------------
+
+ERROR_CALLS = [
+    ("flux_txt2img", {"prompt": "x", "guidance_scale": 9}),
+    ("flux_txt2img", {"prompt": "x", "dry_run": True}),
+    ("flux_fill_inpaint", {"prompt": "x", "image": "/etc/passwd"}),
+    ("flux_get_task", {"task_id": "../etc"}),
+    ("flux_get_task", {"task_id": "0b0e6a8c-0000-4000-8000-000000000000"}),
+    ("flux_wait_task", {"task_id": "nope nope"}),
+    ("flux_cancel_task", {"task_id": "../../etc"}),
+    ("flux_cancel_task", {"task_id": "0b0e6a8c-0000-4000-8000-000000000000"}),
+    ("flux_list_tasks", {"status": "uncertain"}),
+]
+
+
+@pytest.mark.parametrize(("tool", "args"), ERROR_CALLS, ids=[f"{t}-{i}" for i, (t, _) in enumerate(ERROR_CALLS)])
+async def test_error_and_edge_results_match_the_published_output_schema(client, tool, args):
+    import jsonschema
+
+    schemas = {t.name: t.output_schema for t in (await client.list_tools()).tools}
+    result = await client.call_tool(tool, args)
+    assert result.structured_content is not None
+    jsonschema.validate(result.structured_content, schemas[tool])
+
+
+async def test_missing_resources_are_not_found_errors_with_their_reason(client):
+    from mcp import MCPError
+
+    with pytest.raises(MCPError) as info:
+        await client.read_resource("flux://tasks/nope")
+    assert info.value.error.code == -32602 and "not in the local ledger" in info.value.error.message
+
+
+async def test_an_abandoned_wait_leaves_the_ledger_up_to_date(client, sim):
+    sim.state.configure(pending_seconds=30)
+    with anyio.move_on_after(0.5):
+        await client.call_tool("flux_txt2img", {"prompt": "abandoned"})
+    with anyio.fail_after(5):
+        while True:
+            listed = (await client.call_tool("flux_list_tasks", {})).structured_content["tasks"]
+            if listed and listed[0]["status"] == "cancelled":
+                break
+            await anyio.sleep(0.05)
