@@ -38,11 +38,15 @@ class PollPolicy(Protocol):
 
 @dataclass(frozen=True)
 class BackoffPolicy:
-    """Quick first checks, then growing intervals capped at a few seconds (1, 1, 1.5, 2.25, ...)."""
+    """Quick first checks, then growing intervals capped at a few seconds (1, 1, 1.5, 2.25, 3, 3, ...).
+
+    The cap sets the detection lag of long tasks (about cap/2 on average); bench/poll_schedules.py
+    measures this schedule against the fixed and exponential ones other clients use.
+    """
 
     first: Sequence[float] = (1.0, 1.0)
     factor: float = 1.5
-    cap: float = 4.0
+    cap: float = 3.0
 
     def interval(self, attempt: int) -> float:
         if attempt < len(self.first):
@@ -87,12 +91,26 @@ async def wait_for_task(
     record = initial
     last_status: str | None = None
     last_sent = start
+    attempt = 0
+
+    async def pause() -> bool:
+        """Sleep until the next poll (never past the deadline or the next heartbeat)."""
+        nonlocal attempt
+        now = clock()
+        if now >= deadline:
+            return False
+        until_heartbeat = max(0.05, heartbeat_seconds - (now - last_sent))
+        await sleep(min(policy.interval(attempt), deadline - now, until_heartbeat))
+        attempt += 1
+        return True
+
     if record is not None:
+        # The caller has just seen the task (e.g. in the create response): report it, then wait
+        # one interval before the first GET instead of asking again at once.
         last_status = record.status
         await _notify(on_update, record, 0.0)
-        if record.is_terminal:
+        if record.is_terminal or not await pause():
             return record
-    attempt = 0
     while True:
         try:
             record = await fetch(task_id)
@@ -107,12 +125,7 @@ async def wait_for_task(
             await _notify(on_update, record, now - start)
         if record is not None and record.is_terminal:
             return record
-        remaining = deadline - now
-        if remaining <= 0:
+        if not await pause():
             if record is None:  # pragma: no cover - guarded by the raise above
                 raise errors.RequestTimeoutError("no answer from PiAPI before the deadline", task_id=task_id)
             return record
-        # Sleep no longer than the deadline or the next heartbeat allows.
-        until_heartbeat = max(0.0, heartbeat_seconds - (now - last_sent))
-        await sleep(min(policy.interval(attempt), remaining, max(until_heartbeat, 0.05)))
-        attempt += 1

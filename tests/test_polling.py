@@ -40,7 +40,7 @@ def timeline(time: FakeTime, steps: list[tuple[float, str]]):
 
 def test_default_policy_starts_quick_then_grows_to_a_cap():
     policy = BackoffPolicy()
-    assert [policy.interval(i) for i in range(7)] == [1.0, 1.0, 1.5, 2.25, 3.375, 4.0, 4.0]
+    assert [policy.interval(i) for i in range(7)] == [1.0, 1.0, 1.5, 2.25, 3.0, 3.0, 3.0]
 
 
 async def test_completes_and_reports_each_status_change_once():
@@ -123,4 +123,29 @@ async def test_an_initial_terminal_record_returns_without_polling():
     fetch, calls = timeline(time, [(0, "processing")])
     done = TaskRecord(task_id="t", status="failed")
     assert await wait_for_task(fetch, "t", timeout=60, initial=done, clock=time.clock, sleep=time.sleep) is done
+    assert calls == []
+
+
+async def test_with_the_create_response_in_hand_the_first_get_waits_one_interval():
+    time = FakeTime()
+    fetch, calls = timeline(time, [(0, "pending"), (1.5, "completed")])
+    updates: list[tuple[str, float]] = []
+
+    async def on_update(record, elapsed):
+        updates.append((record.status, elapsed))
+
+    created = TaskRecord(task_id="t", status="pending")
+    record = await wait_for_task(
+        fetch, "t", timeout=60, initial=created, on_update=on_update, clock=time.clock, sleep=time.sleep
+    )
+    assert record.status == "completed"
+    assert calls == [1.0, 2.0]  # no GET at t=0: the create response already said "pending"
+    assert updates == [("pending", 0.0), ("completed", 2.0)]
+
+
+async def test_with_the_create_response_and_no_time_there_is_no_get_at_all():
+    time = FakeTime()
+    fetch, calls = timeline(time, [(0, "pending")])
+    created = TaskRecord(task_id="t", status="pending")
+    assert await wait_for_task(fetch, "t", timeout=0, initial=created, clock=time.clock, sleep=time.sleep) is created
     assert calls == []
