@@ -414,3 +414,20 @@ async def test_an_abandoned_wait_leaves_the_ledger_up_to_date(client, sim):
             if listed and listed[0]["status"] == "cancelled":
                 break
             await anyio.sleep(0.05)
+
+
+async def test_a_create_whose_answer_is_lost_is_reported_uncertain_and_never_resent(sim, settings, fast_options):
+    from flux_mcp.server import create_server
+
+    impatient = create_server(settings.model_copy(update={"request_timeout_seconds": 0.3}), fast_options)
+    sim.state.add_fault("create_late", delay=1.0)
+    async with Client(impatient) as client:
+        first = await client.call_tool("flux_txt2img", {"prompt": "lost answer"})
+        error = first.structured_content["error"]
+        assert first.is_error and error["category"] == "submit_uncertain"
+        assert "may exist" in error["message"] and "flux_list_tasks" in error["hint"]
+        again = await client.call_tool("flux_txt2img", {"prompt": "lost answer"})
+        assert again.structured_content["error"]["category"] == "submit_uncertain"
+        uncertain = (await client.call_tool("flux_list_tasks", {"status": "uncertain"})).structured_content["tasks"]
+        assert [(t["submit_state"], t["prompt"]) for t in uncertain] == [("uncertain", "lost answer")]
+    assert len(posts(sim)) == 1 and len(sim.state.tasks) == 1
