@@ -17,6 +17,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import socket
 import sqlite3
 import time
 import uuid
@@ -61,6 +63,28 @@ CREATE TABLE images (
 """
 # Version N -> script that upgrades a version N-1 file; append, never edit, when the schema changes.
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+
+
+def new_owner_id() -> str:
+    """Who holds a download lease: host, pid and a nonce, so a dead holder can be recognised."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_is_gone(owner: str | None) -> bool:
+    """True only when the lease holder is provably dead: a process of this host that no longer exists."""
+    if not owner or os.name != "posix":  # os.kill(pid, 0) is not a probe on Windows
+        return False
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def fingerprint(payload: dict[str, Any]) -> str:
@@ -305,7 +329,11 @@ class TaskLedger:
 
         def reserve(conn: sqlite3.Connection) -> Reservation:
             with _immediate(conn):
-                sql = "SELECT * FROM tasks WHERE idempotency_key = ?"
+                # A failed or cancelled task cost nothing, so a repeat of it is a fresh submission.
+                sql = (
+                    "SELECT * FROM tasks WHERE idempotency_key = ? "
+                    "AND (status IS NULL OR status NOT IN ('failed', 'cancelled'))"
+                )
                 params: builtins.list[Any] = [idempotency_key]
                 if window_seconds is not None:
                     sql += " AND created_at >= ?"
@@ -493,7 +521,8 @@ class TaskLedger:
                 if counts["total"] > 0 and counts["total"] == counts["saved"]:
                     return False
                 holder, until = row["download_owner"], row["download_lease_until"]
-                if holder is not None and holder != owner and until is not None and until > now:
+                live = until is not None and until > now and not _owner_is_gone(holder)
+                if holder is not None and holder != owner and live:
                     return False
                 conn.execute(
                     "UPDATE tasks SET download_owner = ?, download_lease_until = ? WHERE local_id = ?",

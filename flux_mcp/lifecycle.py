@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,7 @@ from flux_mcp import errors
 from flux_mcp.catalog import TaskRequest, TaskType
 from flux_mcp.client import CancelOutcome, PiAPIClient
 from flux_mcp.files import ImageStore, InputResolver
-from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint
+from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id
 from flux_mcp.parameters import build_request
 from flux_mcp.polling import DEFAULT_POLICY, OnUpdate, PollPolicy, wait_for_task
 from flux_mcp.record import TaskRecord
@@ -92,7 +91,7 @@ class TaskService:
         self.policy = policy
         self._clock = clock
         self._sleep = sleep
-        self._owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._owner = new_owner_id()
 
     # --- before anything is sent ------------------------------------------------------------
 
@@ -168,6 +167,7 @@ class TaskService:
     ) -> TaskOutcome:
         """Wait up to `timeout` seconds, then `finish` whatever state the task is in."""
         last_status = initial.status if initial is not None else None
+        deadline = self._clock() + timeout
 
         async def record_then_report(record: TaskRecord, elapsed: float) -> None:
             nonlocal last_status
@@ -190,49 +190,59 @@ class TaskService:
             )
         except errors.NotFoundError:
             return await self._forgotten(task_id)
-        return await self.finish(record)
+        return await self.finish(record, patience=max(0.0, deadline - self._clock()))
 
-    async def finish(self, record: TaskRecord) -> TaskOutcome:
-        """Record the latest state and, for a completed task, make sure local copies exist."""
+    async def finish(self, record: TaskRecord, *, patience: float = 0.0) -> TaskOutcome:
+        """Record the latest state and, for a completed task, make sure local copies exist.
+
+        `patience` is how long to wait for another process that is saving the same images.
+        """
         entry = await self.ledger.record(record)
         outcome = TaskOutcome(record=record, images=list(entry.images))
         if record.status != "completed" or self.store is None or not record.image_urls:
             return outcome
-        outcome.images = await self._ensure_downloads(record, entry, outcome.notes)
+        outcome.images = await self._ensure_downloads(record, entry, outcome.notes, patience)
         return outcome
 
-    async def _ensure_downloads(self, record: TaskRecord, entry: LedgerEntry, notes: list[str]) -> list[SavedImageRow]:
-        assert self.store is not None
+    async def _ensure_downloads(
+        self, record: TaskRecord, entry: LedgerEntry, notes: list[str], patience: float
+    ) -> list[SavedImageRow]:
         if _all_saved(entry.images, record.image_urls):
             return list(entry.images)
-        deadline = self._clock() + DOWNLOAD_WAIT_SECONDS
+        deadline = self._clock() + min(patience, DOWNLOAD_WAIT_SECONDS)
         while not await self.ledger.claim_downloads(record.task_id, self._owner):
-            # Another process holds the lease: wait for its copies rather than download twice.
+            # Another live process holds the lease: wait for its copies rather than download twice.
             saved = await self.ledger.images(record.task_id)
-            if _all_saved(saved, record.image_urls) or self._clock() >= deadline:
+            if _all_saved(saved, record.image_urls):
+                return saved
+            if self._clock() >= deadline:
+                notes.append("another flux-mcp process is saving these images; ask again shortly for the paths")
                 return saved
             await self._sleep(0.2)
-        existing = {row.n: row for row in await self.ledger.images(record.task_id) if row.path}
-        rows: list[SavedImageRow] = []
-        sidecar = {
-            "model": record.model,
-            "task_type": record.task_type,
-            "tool": entry.tool,
-            "request": entry.request,
-        }
+        rows = {row.n: row for row in await self.ledger.images(record.task_id) if row.path}
+        try:
+            await self._download_missing(record, entry, rows, notes)
+        finally:
+            # Always store what was saved, which also releases the lease, even if cancelled mid-way.
+            with anyio.CancelScope(shield=True):
+                await self.ledger.save_images(record.task_id, [rows[n] for n in sorted(rows)])
+        return [rows[n] for n in sorted(rows)]
+
+    async def _download_missing(
+        self, record: TaskRecord, entry: LedgerEntry, rows: dict[int, SavedImageRow], notes: list[str]
+    ) -> None:
+        assert self.store is not None
+        sidecar = {"model": record.model, "task_type": record.task_type, "tool": entry.tool, "request": entry.request}
         for n, url in enumerate(record.image_urls):
-            if n in existing:
-                rows.append(existing[n])
+            if n in rows:
                 continue
+            await self.ledger.claim_downloads(record.task_id, self._owner)  # renews the lease
             try:
-                rows.append(await self.store.save(self.client, task_id=record.task_id, n=n, url=url, sidecar=sidecar))
+                rows[n] = await self.store.save(self.client, task_id=record.task_id, n=n, url=url, sidecar=sidecar)
             except errors.FluxError as exc:
                 log.warning("could not save image %d of %s: %s", n, record.task_id, exc.message)
                 notes.append(f"image {n} was not saved locally ({exc.message}); its URL is temporary")
-                rows.append(SavedImageRow(n=n, url=url, path=None, sha256=None, bytes=None))
-        with anyio.CancelScope(shield=True):
-            await self.ledger.save_images(record.task_id, rows)
-        return rows
+                rows[n] = SavedImageRow(n=n, url=url, path=None, sha256=None, bytes=None)
 
     # --- the read side ----------------------------------------------------------------------
 

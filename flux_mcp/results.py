@@ -88,11 +88,13 @@ def _elapsed(record: TaskRecord) -> float | None:
     return round(max(0.0, (end - record.created_at).total_seconds()), 1)
 
 
-def _next_step(record: TaskRecord) -> str | None:
+def _next_step(record: TaskRecord, saved: bool) -> str | None:
     if record.status in ("pending", "processing"):
         return f"Still running. Call flux_wait_task with task_id '{record.task_id}' to keep waiting."
-    if record.status == "completed":
+    if record.status == "completed" and saved:
         return "Done. Local copies are in images[].path; PiAPI's URLs are temporary."
+    if record.status == "completed":
+        return "Done. Some images have no local copy (images[].path is null); PiAPI's URLs are temporary."
     return None
 
 
@@ -108,7 +110,8 @@ def task_result(outcome: TaskOutcome, *, estimated_cost_usd: float | None = None
             retryable=False,
             hint="Adjust the prompt or inputs and submit a new task." if record.status == "failed" else "",
         )
-    notes = [n for n in (_next_step(record), *outcome.notes) if n]
+    saved = all(paths.get(n) for n in range(len(record.image_urls)))
+    notes = [n for n in (_next_step(record, saved), *outcome.notes) if n]
     if outcome.reattached:
         notes.insert(0, "This identical request was already submitted, so no new task was paid for; "
                         "pass a new idempotency_key to generate another.")  # fmt: skip

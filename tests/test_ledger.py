@@ -343,3 +343,23 @@ async def test_claim_downloads_lease(tmp_path: Path) -> None:
         assert await ledger.images("unknown") == []
         with pytest.raises(errors.StorageError):
             await ledger.save_images("unknown", rows)
+
+
+@pytest.mark.anyio
+async def test_a_lease_held_by_a_dead_process_is_taken_over_but_a_live_one_is_not(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from flux_mcp.ledger import new_owner_id
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(10)
+    async with TaskLedger(tmp_path / "ledger.sqlite3") as ledger:
+        for task_id in ("t-dead", "t-live"):
+            await ledger.record(TaskRecord(task_id=task_id, status="completed", image_urls=["u"]))
+        assert await ledger.claim_downloads("t-dead", f"{socket.gethostname()}:{dead.pid}:00000000")
+        assert await ledger.claim_downloads("t-dead", new_owner_id())  # the holder is gone
+        assert await ledger.claim_downloads("t-live", f"{socket.gethostname()}:{os.getpid()}:00000000")
+        assert not await ledger.claim_downloads("t-live", new_owner_id())  # the holder is alive

@@ -431,3 +431,14 @@ async def test_a_create_whose_answer_is_lost_is_reported_uncertain_and_never_res
         uncertain = (await client.call_tool("flux_list_tasks", {"status": "uncertain"})).structured_content["tasks"]
         assert [(t["submit_state"], t["prompt"]) for t in uncertain] == [("uncertain", "lost answer")]
     assert len(posts(sim)) == 1 and len(sim.state.tasks) == 1
+
+
+async def test_a_repeat_of_a_failed_task_submits_again_because_failures_cost_nothing(client, sim):
+    sim.state.add_fault("fail_next", code=10001, message="transient failure")
+    failed = await client.call_tool("flux_txt2img", {"prompt": "try again"})
+    assert failed.structured_content["status"] == "failed"
+    retried = await client.call_tool("flux_txt2img", {"prompt": "try again"})
+    assert retried.structured_content["status"] == "completed"
+    assert retried.structured_content["reattached"] is False
+    assert retried.structured_content["task_id"] != failed.structured_content["task_id"]
+    assert len(posts(sim)) == 2
