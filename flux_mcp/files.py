@@ -181,8 +181,22 @@ def _webp_available() -> bool:
     return bool(features.check("webp"))
 
 
-def make_thumbnail(path: Path, *, max_side: int = 512, max_bytes: int = 200_000) -> tuple[bytes, str]:
-    """A small preview of `path`: longest side <= `max_side` (never upscaled), <= `max_bytes`.
+async def fetch_image(client: PiAPIClient, url: str, *, max_bytes: int) -> bytes:
+    """An image PiAPI returned, read into memory (for a preview when no local copy is kept)."""
+    data = bytearray()
+    async with client.stream_download(url) as response:
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > max_bytes:
+                raise errors.StorageError(f"{url} is larger than {max_bytes} bytes")
+    if sniff_image_type(bytes(data[:_SNIFF_BYTES])) is None:
+        raise errors.StorageError(f"{url} did not return a PNG, JPEG or WebP image")
+    return bytes(data)
+
+
+def make_thumbnail(source: Path | bytes, *, max_side: int = 512, max_bytes: int = 200_000) -> tuple[bytes, str]:
+    """A small preview of an image file or its bytes: longest side <= `max_side` (never upscaled),
+    at most `max_bytes`.
 
     WebP with quality stepping down 80 -> 40, then smaller dimensions until it fits; JPEG when
     this Pillow has no WebP. Blocking: call it from a worker thread.
@@ -190,12 +204,12 @@ def make_thumbnail(path: Path, *, max_side: int = 512, max_bytes: int = 200_000)
     webp = _webp_available()
     fmt, mime = ("WEBP", "image/webp") if webp else ("JPEG", "image/jpeg")
     try:
-        with Image.open(path) as opened:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
             image = ImageOps.exif_transpose(opened)
             has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
             image = image.convert("RGBA" if has_alpha and webp else "RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise errors.StorageError(f"cannot read {path} as an image: {exc}") from exc
+        raise errors.StorageError(f"cannot read {_name(source)} as an image: {exc}") from exc
     image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     data = b""
     while True:
@@ -207,9 +221,13 @@ def make_thumbnail(path: Path, *, max_side: int = 512, max_bytes: int = 200_000)
                 return data, mime
         width, height = image.size
         if max(width, height) <= 16:
-            log.warning("thumbnail of %s is %d bytes even at %dx%d", path, len(data), width, height)
+            log.warning("thumbnail of %s is %d bytes even at %dx%d", _name(source), len(data), width, height)
             return data, mime
         image = image.resize((max(1, int(width * 0.75)), max(1, int(height * 0.75))), Image.Resampling.LANCZOS)
+
+
+def _name(source: Path | bytes) -> str:
+    return f"{len(source)} bytes" if isinstance(source, bytes) else str(source)
 
 
 def _identify(data: bytes) -> str | None:

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,7 +29,7 @@ import anyio
 from flux_mcp import errors
 from flux_mcp.catalog import TaskRequest, TaskType
 from flux_mcp.client import CancelOutcome, PiAPIClient
-from flux_mcp.files import ImageStore, InputResolver
+from flux_mcp.files import ImageStore, InputResolver, fetch_image, make_thumbnail
 from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id
 from flux_mcp.parameters import build_request
 from flux_mcp.polling import DEFAULT_POLICY, OnUpdate, PollPolicy, wait_for_task
@@ -243,6 +244,22 @@ class TaskService:
                 log.warning("could not save image %d of %s: %s", n, record.task_id, exc.message)
                 notes.append(f"image {n} was not saved locally ({exc.message}); its URL is temporary")
                 rows[n] = SavedImageRow(n=n, url=url, path=None, sha256=None, bytes=None)
+
+    async def previews(self, images: list[tuple[str, str | None]], *, limit: int = 4) -> list[tuple[bytes, str]]:
+        """Thumbnails of up to `limit` images `(url, local path)`: from the local copy when there is
+        one, else fetched into memory. A preview that fails is skipped; it never fails the call."""
+        previews = []
+        for url, path in images[:limit]:
+            try:
+                source: Path | bytes = (
+                    Path(path)
+                    if path
+                    else await fetch_image(self.client, url, max_bytes=self.settings.max_download_bytes)
+                )
+                previews.append(await anyio.to_thread.run_sync(make_thumbnail, source))
+            except errors.FluxError as exc:
+                log.warning("no preview of %s: %s", path or url, exc.message)
+        return previews
 
     # --- the read side ----------------------------------------------------------------------
 

@@ -16,12 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
 from mcp.types import CallToolResult, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel
 
 from flux_mcp.errors import FluxError
-from flux_mcp.files import make_thumbnail
 from flux_mcp.lifecycle import TaskOutcome
 from flux_mcp.record import Status, TaskRecord
 
@@ -153,16 +151,14 @@ def summary_text(result: TaskResult) -> str:
     return "\n".join(lines)
 
 
-async def to_call_result(result: TaskResult, *, include_image: str = "none", is_error: bool = False) -> CallToolResult:
+def to_call_result(
+    result: TaskResult, *, previews: list[tuple[bytes, str]] = (), is_error: bool = False
+) -> CallToolResult:
     content: list[Any] = [TextContent(type="text", text=summary_text(result))]
-    if include_image == "thumbnail":
-        for image in [i for i in result.images if i.path][:MAX_INLINE_IMAGES]:
-            try:
-                data, mime = await anyio.to_thread.run_sync(make_thumbnail, Path(image.path or ""))
-            except (OSError, ValueError, FluxError) as exc:
-                log.warning("thumbnail of %s failed: %s", image.path, exc)
-                continue
-            content.append(ImageContent(type="image", data=base64.b64encode(data).decode(), mime_type=mime))
+    content += [
+        ImageContent(type="image", data=base64.b64encode(data).decode(), mime_type=mime)
+        for data, mime in previews[:MAX_INLINE_IMAGES]
+    ]
     for n, image in enumerate(result.images):
         if result.task_id:
             content.append(

@@ -42,7 +42,7 @@ from flux_mcp.lifecycle import TaskOutcome, TaskService, summarise_payload
 from flux_mcp.parameters import PARAMETERS, TASK_TOOLS, TaskTool
 from flux_mcp.polling import DEFAULT_POLICY, PollPolicy
 from flux_mcp.record import TaskRecord
-from flux_mcp.results import CancelResult, TaskResult, error_result, task_result, to_call_result
+from flux_mcp.results import MAX_INLINE_IMAGES, CancelResult, TaskResult, error_result, task_result, to_call_result
 from flux_mcp.schemas import compact_output, optional_input, strip_titles
 from flux_mcp.settings import Settings
 
@@ -139,18 +139,26 @@ async def _failure(exc: FluxError, *, task_type: str = "", model: str = "", canc
     result = error_result(exc, task_type=task_type, model=model)
     if cancel:  # flux_cancel_task publishes CancelResult: its errors must match that schema too
         result = CancelResult(**dict(result), cancel_accepted=False)
-    return await to_call_result(result, is_error=True)
+    return to_call_result(result, is_error=True)
 
 
 async def _present(
-    outcome: TaskOutcome, include: str, *, estimated_cost_usd: float | None = None, cancel_accepted: bool | None = None
+    service: TaskService,
+    outcome: TaskOutcome,
+    include: str,
+    *,
+    estimated_cost_usd: float | None = None,
+    cancel_accepted: bool | None = None,
 ) -> CallToolResult:
     result = task_result(outcome, estimated_cost_usd=estimated_cost_usd)
     if cancel_accepted is not None:
         result = CancelResult(**dict(result), cancel_accepted=cancel_accepted)
     # A cancel that worked is a success for flux_cancel_task, whatever the task's status.
     failed = result.status == "failed" or (result.status == "cancelled" and cancel_accepted is None)
-    return await to_call_result(result, include_image=include, is_error=failed)
+    previews = []
+    if include == "thumbnail":
+        previews = await service.previews([(i.url, i.path) for i in result.images], limit=MAX_INLINE_IMAGES)
+    return to_call_result(result, previews=previews, is_error=failed)
 
 
 async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> CallToolResult:
@@ -177,7 +185,7 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
             estimated_cost_usd=request.estimated_cost_usd,
             next_step="Nothing was sent. Call again without dry_run to submit.",
         )
-        return await to_call_result(result)
+        return to_call_result(result)
     try:
         submission = await service.submit(tool.name, request, idempotency_key=idempotency_key)
     except FluxError as exc:
@@ -196,7 +204,7 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
         exc.task_id = exc.task_id or record.task_id
         return await _failure(exc, task_type=request.task_type.value, model=request.model.value)
     outcome.reattached = submission.reattached
-    return await _present(outcome, include, estimated_cost_usd=request.estimated_cost_usd)
+    return await _present(service, outcome, include, estimated_cost_usd=request.estimated_cost_usd)
 
 
 def _task_tool_function(tool: TaskTool) -> Callable[..., Awaitable[CallToolResult]]:
@@ -321,7 +329,7 @@ def _register_task_management(mcp: MCPServer) -> None:
         except FluxError as exc:
             exc.task_id = exc.task_id or task_id
             return await _failure(exc)
-        return await _present(outcome, state.settings.include_image)
+        return await _present(state.service, outcome, state.settings.include_image)
 
     @mcp.tool(title="Wait for a Flux task", annotations=READ_ONLY)
     async def flux_wait_task(
@@ -338,7 +346,7 @@ def _register_task_management(mcp: MCPServer) -> None:
         except FluxError as exc:
             exc.task_id = exc.task_id or task_id
             return await _failure(exc)
-        return await _present(outcome, state.settings.include_image)
+        return await _present(state.service, outcome, state.settings.include_image)
 
     @mcp.tool(title="Cancel a Flux task", annotations=CANCEL)
     async def flux_cancel_task(task_id: TaskId, ctx: Context) -> Annotated[CallToolResult, CancelResult]:
@@ -350,7 +358,7 @@ def _register_task_management(mcp: MCPServer) -> None:
             exc.task_id = exc.task_id or task_id
             return await _failure(exc, cancel=True)
         outcome.notes.insert(0, cancel.message + ".")
-        return await _present(outcome, "none", cancel_accepted=cancel.accepted)
+        return await _present(state.service, outcome, "none", cancel_accepted=cancel.accepted)
 
     @mcp.tool(title="List Flux tasks", annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
     async def flux_list_tasks(

@@ -442,3 +442,18 @@ async def test_a_repeat_of_a_failed_task_submits_again_because_failures_cost_not
     assert retried.structured_content["reattached"] is False
     assert retried.structured_content["task_id"] != failed.structured_content["task_id"]
     assert len(posts(sim)) == 2
+
+
+async def test_with_saving_off_nothing_is_written_but_the_preview_still_comes(sim, settings, fast_options):
+    from flux_mcp.server import create_server
+
+    server = create_server(settings.model_copy(update={"save_images": False}), fast_options)
+    async with Client(server) as client:
+        result = await client.call_tool("flux_txt2img", {"prompt": "ephemeral", "width": 800, "height": 600})
+    data = result.structured_content
+    assert data["status"] == "completed" and data["images"][0]["path"] is None
+    assert "no local copy" in data["next_step"]
+    (thumb,) = [c for c in result.content if c.type == "image"]
+    with Image.open(io.BytesIO(base64.b64decode(thumb.data))) as image:
+        assert image.size == (512, 384)
+    assert not settings.output_dir.exists() or not any(settings.output_dir.iterdir())
