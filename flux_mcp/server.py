@@ -29,9 +29,11 @@ from typing import Annotated, Any, Literal
 import anyio
 import httpx
 from mcp.server import MCPServer
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
-from mcp.types import CallToolResult, ToolAnnotations
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS, CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from flux_mcp.client import PiAPIClient
@@ -301,7 +303,26 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
     _register_task_management(mcp)
     _register_resources(mcp)
     _publish_schemas(mcp)
+    _reject_unknown_tools(mcp)
     return mcp
+
+
+def _reject_unknown_tools(mcp: MCPServer) -> None:
+    """Answer a call to an unknown tool with JSON-RPC -32602, as both spec revisions require.
+
+    `MCPServer` still answers it with an `isError` result (python-sdk#3659); remove this
+    middleware once it does not (the reference servers carry the same one).
+    """
+    names = frozenset(tool.name for tool in mcp._tool_manager.list_tools())
+
+    async def middleware(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        if ctx.method == "tools/call" and ctx.params is not None:
+            name = ctx.params.get("name")
+            if isinstance(name, str) and name not in names:
+                raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
+        return await call_next(ctx)
+
+    mcp.middleware.append(middleware)
 
 
 def _publish_schemas(mcp: MCPServer) -> None:

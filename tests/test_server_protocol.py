@@ -457,3 +457,11 @@ async def test_with_saving_off_nothing_is_written_but_the_preview_still_comes(si
     with Image.open(io.BytesIO(base64.b64decode(thumb.data))) as image:
         assert image.size == (512, 384)
     assert not settings.output_dir.exists() or not any(settings.output_dir.iterdir())
+
+
+async def test_an_unknown_tool_is_a_protocol_error(client):
+    from mcp import MCPError
+
+    with pytest.raises(MCPError) as info:
+        await client.call_tool("flux_text2img", {"prompt": "typo"})
+    assert info.value.error.code == -32602 and "Unknown tool: flux_text2img" in info.value.error.message
