@@ -126,8 +126,12 @@ class TaskTool:
         return create_model(f"{self.name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
 
     def validate_arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Validate; null, and "" for an optional text argument, mean "not given" (clients in
+        strict function-calling modes must send every property, and send these for the unset ones)."""
+        optional = {p.name for p in self.all_parameters() if p.default is None}
+        given = {k: v for k, v in arguments.items() if v is not None and not (v == "" and k in optional)}
         try:
-            return dict(self.arguments_model.model_validate(arguments))
+            return dict(self.arguments_model.model_validate(given))
         except ValidationError as exc:
             raise InvalidInputError(c.describe_validation_error(exc)) from exc
 

@@ -45,7 +45,7 @@ from flux_mcp.parameters import PARAMETERS, TASK_TOOLS, TaskTool
 from flux_mcp.polling import DEFAULT_POLICY, PollPolicy
 from flux_mcp.record import TaskRecord
 from flux_mcp.results import MAX_INLINE_IMAGES, CancelResult, TaskResult, error_result, task_result, to_call_result
-from flux_mcp.schemas import compact_output, optional_input, strip_titles
+from flux_mcp.schemas import compact_output, strip_titles
 from flux_mcp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def _task_tool_function(tool: TaskTool) -> Callable[..., Awaitable[CallToolResul
     async def run(**kwargs: Any) -> CallToolResult:
         ctx = kwargs.pop("ctx")
         try:
-            args = tool.validate_arguments({k: v for k, v in kwargs.items() if v is not _UNSET})
+            args = tool.validate_arguments(kwargs)
         except FluxError as exc:
             model = tool.fixed_model or kwargs.get("model") or PARAMETERS["model"].default
             return await _failure(exc, task_type=tool.task_type.value, model=str(model))
@@ -384,12 +384,8 @@ def _register_task_management(mcp: MCPServer) -> None:
     @mcp.tool(title="List Flux tasks", annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
     async def flux_list_tasks(
         ctx: Context,
-        status: Annotated[
-            ListStatus | None, Field(description="Only this status.", json_schema_extra=optional_input)
-        ] = None,
-        task_type: Annotated[
-            TaskTypeName | None, Field(description="Only this task type.", json_schema_extra=optional_input)
-        ] = None,
+        status: Annotated[ListStatus | None, Field(description="Only this status (null = any).")] = None,
+        task_type: Annotated[TaskTypeName | None, Field(description="Only this task type (null = any).")] = None,
         limit: Annotated[int, Field(ge=1, le=200, description="Newest first, at most this many.")] = 20,
     ) -> TaskList:
         """Tasks from the local ledger, newest first."""

@@ -465,3 +465,18 @@ async def test_an_unknown_tool_is_a_protocol_error(client):
     with pytest.raises(MCPError) as info:
         await client.call_tool("flux_text2img", {"prompt": "typo"})
     assert info.value.error.code == -32602 and "Unknown tool: flux_text2img" in info.value.error.message
+
+
+async def test_strict_mode_clients_sending_every_property_get_the_same_payload(client):
+    """OpenAI-style strict function calling sends every property; unset ones arrive as "" or null."""
+    strict_args = {
+        "prompt": "a lighthouse", "model": "Qubico/flux1-schnell", "negative_prompt": "", "width": 1024,
+        "height": 1024, "guidance_scale": None, "batch_size": 1, "service_mode": None, "webhook_endpoint": "",
+        "webhook_secret": "", "wait_seconds": None, "dry_run": True, "idempotency_key": "", "include_image": None,
+    }  # fmt: skip
+    strict = await client.call_tool("flux_txt2img", strict_args)
+    plain = await client.call_tool("flux_txt2img", {"prompt": "a lighthouse", "dry_run": True})
+    assert strict.is_error is False
+    assert strict.structured_content["payload"] == plain.structured_content["payload"]
+    listed = await client.call_tool("flux_list_tasks", {"status": None, "task_type": None, "limit": 5})
+    assert listed.is_error is False
