@@ -78,7 +78,7 @@ LORA_TYPES: tuple[str, ...] = (
 LoraName = Literal[LORA_TYPES]  # type: ignore[valid-type]
 
 CONTROL_TYPES: tuple[str, ...] = ("depth", "canny", "soft_edge", "openpose")
-ControlType = Literal["depth", "canny", "soft_edge", "openpose"]
+ControlType = Literal[CONTROL_TYPES]  # type: ignore[valid-type]
 
 MAX_PIXELS = 1024 * 1024  # "width*height cannot exceed 1048576"
 MAX_BATCH_SIZE = 4

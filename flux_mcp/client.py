@@ -8,8 +8,10 @@ Policy, all here so no code path can bypass it:
   `FluxError` subclasses with a category and a `retryable` flag; the key is scrubbed from any text.
 - Retries: GET and DELETE are retried with capped exponential backoff, full jitter and
   `Retry-After`. The create POST is retried only when the request provably never reached PiAPI
-  (connection refused, connect or pool time-out) or PiAPI refused it with 429. Any failure after
-  the body was sent raises `SubmitUncertainError`: a duplicate paid task is worse than an error.
+  (connection refused, connect or pool time-out) or PiAPI refused it with 429, within a small
+  time budget. A 4xx answer proves the task was not created; any other failure after the body
+  was sent (time-out, dropped connection, 5xx, an unreadable answer) raises
+  `SubmitUncertainError`: a duplicate paid task is worse than an error.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -41,6 +44,9 @@ class RetryPolicy:
     base_seconds: float = 0.5
     cap_seconds: float = 8.0
     max_retry_after_seconds: float = 30.0
+    # A create refused with 429 is retried only while the total sleep stays under this, so a
+    # submit never sits in backoff for minutes before the task even exists.
+    create_budget_seconds: float = 15.0
 
     def delay(self, attempt: int, retry_after: float | None, rand: Callable[[], float]) -> float:
         backoff = min(self.cap_seconds, self.base_seconds * 2**attempt) * rand()
@@ -64,8 +70,6 @@ def _retry_after_seconds(response: httpx.Response) -> float | None:
     except ValueError:
         pass
     try:
-        from datetime import UTC, datetime
-
         return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
     except (TypeError, ValueError):
         return None
@@ -91,7 +95,8 @@ class PiAPIClient:
         self._http = http or httpx.AsyncClient(
             timeout=timeout,
             limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
-            follow_redirects=False,
+            follow_redirects=False,  # API calls never follow; downloads follow at most 5 hops
+            max_redirects=5,
         )
         self._owns_http = http is None
         self.retry = retry or RetryPolicy()
@@ -111,14 +116,17 @@ class PiAPIClient:
     # --- the three task operations ----------------------------------------------------------
 
     async def create_task(self, payload: dict[str, Any]) -> TaskRecord:
+        slept = 0.0
         for attempt in range(self.retry.attempts):
             try:
                 data = await self._send("POST", TASK_PATH, json=payload)
             except (errors.NetworkError, errors.RateLimitedError) as exc:
                 # Only failures that prove PiAPI never accepted the body reach this branch.
-                if attempt + 1 >= self.retry.attempts:
+                delay = self.retry.delay(attempt, exc.retry_after, self._rand)
+                if attempt + 1 >= self.retry.attempts or slept + delay > self.retry.create_budget_seconds:
                     raise
-                await self._sleep(self.retry.delay(attempt, exc.retry_after, self._rand))
+                await self._sleep(delay)
+                slept += delay
                 continue
             record = TaskRecord.from_api(data)
             if not record.task_id:
@@ -153,7 +161,7 @@ class PiAPIClient:
                 yield response
         except httpx.TimeoutException as exc:
             raise errors.RequestTimeoutError(f"downloading {url} timed out") from exc
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # transport failures, redirect loops, undecodable bodies
             raise errors.NetworkError(f"downloading {url} failed: {type(exc).__name__}") from exc
 
     # --- internals -------------------------------------------------------------------------
@@ -191,7 +199,7 @@ class PiAPIClient:
                     "PiAPI did not answer the create request in time; the task may exist"
                 ) from exc
             raise errors.RequestTimeoutError(f"PiAPI did not answer {method} in time", task_id=task_id) from exc
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # transport failures, undecodable bodies, ...
             if is_create:
                 raise errors.SubmitUncertainError(
                     f"the connection failed after the create request was sent ({type(exc).__name__}); "
@@ -221,35 +229,46 @@ class PiAPIClient:
             data = body.get("data")
             if isinstance(data, dict):
                 return data
-            raise errors.UpstreamError("PiAPI answered without a task object", task_id=task_id)
-        effective = status if status != 200 else (envelope_code or 500)
-        if body is None and status == 200:
-            raise errors.UpstreamError(
-                "PiAPI returned a body that is not JSON (HTTP 200)", task_id=task_id, status_code=status
-            )
-        detail = envelope_message or response.reason_phrase or "no detail"
+        # An error: HTTP status first; a 200 whose envelope says otherwise takes the envelope's
+        # code when it looks like an HTTP status, else counts as a server-side failure.
+        effective = status
+        if status == 200:
+            effective = envelope_code if envelope_code is not None and 400 <= envelope_code < 600 else 500
+        detail = envelope_message or (
+            "no task object in the answer" if status == 200 else response.reason_phrase or "no detail"
+        )
         kwargs: dict[str, Any] = {"task_id": task_id, "status_code": status, "code": envelope_code or status}
-        if effective in (401, 403):
-            raise errors.AuthError(f"PiAPI rejected the API key (HTTP {effective}): {detail}", **kwargs)
-        if effective == 404:
-            raise errors.NotFoundError(f"PiAPI does not know this task (HTTP 404): {detail}", **kwargs)
         if effective == 429:
             raise errors.RateLimitedError(
                 f"PiAPI is rate limiting requests (HTTP 429): {detail}",
                 retry_after=_retry_after_seconds(response),
                 **kwargs,
             )
+        if effective == 401:
+            raise errors.AuthError(f"PiAPI rejected the API key (HTTP 401): {detail}", **kwargs)
+        if effective == 403:
+            raise errors.AuthError(
+                f"PiAPI refused access (HTTP 403): {detail}",
+                hint="The key is valid but not allowed this (e.g. dev-advanced needs a Creator plan or higher).",
+                **kwargs,
+            )
+        if effective == 404:
+            raise errors.NotFoundError(f"PiAPI does not know this task (HTTP 404): {detail}", **kwargs)
         if 400 <= effective < 500:
-            raise errors.InvalidInputError(f"PiAPI rejected the request (HTTP {effective}): {detail}", **kwargs)
-        hint = (
-            "PiAPI answered the create request with a server error and no task id; check "
-            "flux_list_tasks before retrying."
-            if is_create
-            else None
-        )
+            raise errors.InvalidInputError(
+                f"PiAPI rejected the request (HTTP {effective}): {detail}",
+                hint="PiAPI refused these arguments; change them and call again.",
+                **kwargs,
+            )
+        if is_create:
+            # A 5xx (or an unreadable answer) says nothing about whether the task was created:
+            # gateways commonly time out after the origin accepted it.
+            raise errors.SubmitUncertainError(
+                f"PiAPI answered the create request with HTTP {effective} ({detail}); the task may exist",
+                task_id=task_id,
+                status_code=status,
+                code=envelope_code or status,
+            )
         raise errors.UpstreamError(
-            f"PiAPI failed with HTTP {effective}: {detail}",
-            retry_after=_retry_after_seconds(response),
-            hint=hint,
-            **kwargs,
+            f"PiAPI failed with HTTP {effective}: {detail}", retry_after=_retry_after_seconds(response), **kwargs
         )

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 # Types a file host may send for anything; accepted only when the magic bytes say image.
-_GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "application/binary"})
+_GENERIC_TYPES = frozenset({"", "image/jpg", "application/octet-stream", "binary/octet-stream", "application/binary"})
 _SNIFF_BYTES = 12
 _PILLOW_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 _DATA_URI = re.compile(r"^data:image/(png|jpeg|webp);base64,(.*)$", re.IGNORECASE | re.DOTALL)
@@ -86,12 +86,6 @@ class ImageStore:
         fd, name = tempfile.mkstemp(dir=self.output_dir, prefix=f".{stem}.", suffix=".part")
         return os.fdopen(fd, "wb"), Path(name)
 
-    def _too_big(self, url: str, size: int | str) -> errors.StorageError:
-        return errors.StorageError(
-            f"downloading {url} stopped: the image is larger than the {self.max_bytes}-byte limit ({size})",
-            hint="Raise FLUX_MCP_MAX_DOWNLOAD_BYTES if this image is expected.",
-        )
-
     async def save(
         self, client: PiAPIClient, *, task_id: str, n: int, url: str, sidecar: dict[str, Any]
     ) -> SavedImageRow:
@@ -110,16 +104,11 @@ class ImageStore:
             head = b""
             detected: str | None = None
             async with anyio.wrap_file(out) as writer, client.stream_download(url) as response:
-                declared = response.headers.get("content-type", "").split(";")[0].strip().lower()
-                if declared not in _EXTENSIONS and declared not in _GENERIC_TYPES:
-                    raise errors.StorageError(f"{url} is not an image (Content-Type {declared})")
-                length = response.headers.get("content-length", "")
-                if length.isdigit() and int(length) > self.max_bytes:
-                    raise self._too_big(url, f"Content-Length {length}")
+                _check_headers(url, response, self.max_bytes)
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
                     if size > self.max_bytes:
-                        raise self._too_big(url, f"more than {self.max_bytes} bytes received")
+                        raise _too_big(url, self.max_bytes, f"more than {self.max_bytes} bytes received")
                     if detected is None and len(head) < _SNIFF_BYTES:
                         head += chunk[: _SNIFF_BYTES - len(head)]
                         if len(head) >= _SNIFF_BYTES:
@@ -181,14 +170,32 @@ def _webp_available() -> bool:
     return bool(features.check("webp"))
 
 
+def _check_headers(url: str, response: Any, max_bytes: int) -> None:
+    """Refuse a download before reading it: not an image type, or announced as too large."""
+    declared = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if declared not in _EXTENSIONS and declared not in _GENERIC_TYPES:
+        raise errors.StorageError(f"{url} is not an image (Content-Type {declared})")
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise _too_big(url, max_bytes, f"Content-Length {length}")
+
+
+def _too_big(url: str, max_bytes: int, size: str) -> errors.StorageError:
+    return errors.StorageError(
+        f"downloading {url} stopped: the image is larger than the {max_bytes}-byte limit ({size})",
+        hint="Raise FLUX_MCP_MAX_DOWNLOAD_BYTES if this image is expected.",
+    )
+
+
 async def fetch_image(client: PiAPIClient, url: str, *, max_bytes: int) -> bytes:
     """An image PiAPI returned, read into memory (for a preview when no local copy is kept)."""
     data = bytearray()
     async with client.stream_download(url) as response:
+        _check_headers(url, response, max_bytes)
         async for chunk in response.aiter_bytes():
             data += chunk
             if len(data) > max_bytes:
-                raise errors.StorageError(f"{url} is larger than {max_bytes} bytes")
+                raise _too_big(url, max_bytes, f"more than {max_bytes} bytes received")
     if sniff_image_type(bytes(data[:_SNIFF_BYTES])) is None:
         raise errors.StorageError(f"{url} did not return a PNG, JPEG or WebP image")
     return bytes(data)

@@ -32,12 +32,12 @@ import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
 
 from flux_mcp import errors
-from flux_mcp.record import TaskRecord
+from flux_mcp.record import TERMINAL_STATUSES, TaskRecord
 
 log = logging.getLogger(__name__)
 
 SubmitState = Literal["submitting", "submitted", "uncertain"]
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_SECONDS = 10.0
 _T = TypeVar("_T")
 
@@ -62,16 +62,21 @@ CREATE TABLE images (
 );
 """
 # Version N -> script that upgrades a version N-1 file; append, never edit, when the schema changes.
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+_MIGRATIONS: dict[int, str] = {
+    1: _SCHEMA_V1,
+    # Who is submitting a reservation, so a row left `submitting` by a dead process is recognised.
+    2: "ALTER TABLE tasks ADD COLUMN submit_owner TEXT",
+}
 
 
 def new_owner_id() -> str:
-    """Who holds a download lease: host, pid and a nonce, so a dead holder can be recognised."""
+    """Who submits a task or holds a download lease: host, pid and a nonce, so that a dead
+    process's reservation or lease can be recognised."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _owner_is_gone(owner: str | None) -> bool:
-    """True only when the lease holder is provably dead: a process of this host that no longer exists."""
+def owner_is_gone(owner: str | None) -> bool:
+    """True only when the owner is provably dead: a process of this host that no longer exists."""
     if not owner or os.name != "posix":  # os.kill(pid, 0) is not a probe on Windows
         return False
     host, _, rest = owner.partition(":")
@@ -116,6 +121,7 @@ class LedgerEntry(BaseModel):
     idempotency_key: str | None
     fingerprint: str | None
     submit_state: SubmitState
+    submit_owner: str | None = None
     status: str | None
     request: dict[str, Any]
     payload: dict[str, Any]
@@ -165,7 +171,7 @@ def _insert_task(conn: sqlite3.Connection, **values: Any) -> str:
 
 _PLAIN_COLUMNS = (
     "local_id", "task_id", "tool", "task_type", "model", "idempotency_key", "fingerprint", "submit_state",
-    "status", "estimated_cost_usd", "created_at", "updated_at",
+    "submit_owner", "status", "estimated_cost_usd", "created_at", "updated_at",
 )  # fmt: skip
 
 
@@ -286,10 +292,11 @@ class TaskLedger:
         self, *, status: str | None = None, task_type: str | None = None, limit: int = 20
     ) -> builtins.list[LedgerEntry]:
         """Newest first; entries whose submission is uncertain (no task id) are included, and
-        `status="uncertain"` selects exactly those."""
+        `status="uncertain"` selects those and the ones still (or forever, if their process died)
+        being submitted."""
         sql = (
             "SELECT * FROM tasks WHERE (:status IS NULL OR status = :status OR "
-            "(:status = 'uncertain' AND submit_state = 'uncertain')) AND "
+            "(:status = 'uncertain' AND submit_state IN ('uncertain', 'submitting'))) AND "
             "(:task_type IS NULL OR task_type = :task_type) ORDER BY created_at DESC, seq DESC LIMIT :limit"
         )
         params = {"status": status, "task_type": task_type, "limit": max(0, limit)}
@@ -323,8 +330,13 @@ class TaskLedger:
         request: dict[str, Any],
         payload: dict[str, Any],
         estimated_cost_usd: float,
+        payload_fingerprint: str | None = None,
+        owner: str | None = None,
     ) -> Reservation:
-        """Claim `idempotency_key`, or return the entry that already holds it within the window."""
+        """Claim `idempotency_key`, or return the entry that already holds it within the window.
+
+        `payload_fingerprint` identifies the exact request (default: the fingerprint of `payload`)
+        and `owner` the process submitting it (see `new_owner_id`)."""
         now = self._clock()
 
         def reserve(conn: sqlite3.Connection) -> Reservation:
@@ -347,7 +359,8 @@ class TaskLedger:
                     task_type=task_type,
                     model=model,
                     idempotency_key=idempotency_key,
-                    fingerprint=fingerprint(payload),
+                    fingerprint=payload_fingerprint or fingerprint(payload),
+                    submit_owner=owner,
                     submit_state="submitting",
                     request_json=_dumps(request),
                     payload_json=_dumps(payload),
@@ -448,6 +461,8 @@ class TaskLedger:
         previous = conn.execute(
             "SELECT status FROM status_history WHERE local_id = ? ORDER BY id DESC LIMIT 1", (local_id,)
         ).fetchone()
+        if previous is not None and previous["status"] in TERMINAL_STATUSES and not record.is_terminal:
+            return  # a slower process's stale poll must not move a finished task backwards
         conn.execute(
             "UPDATE tasks SET status = :status, record_json = :record, image_urls_json = :urls, error_json = :error, "
             "task_type = COALESCE(NULLIF(:task_type, ''), task_type), model = COALESCE(NULLIF(:model, ''), model), "
@@ -521,7 +536,7 @@ class TaskLedger:
                 if counts["total"] > 0 and counts["total"] == counts["saved"]:
                     return False
                 holder, until = row["download_owner"], row["download_lease_until"]
-                live = until is not None and until > now and not _owner_is_gone(holder)
+                live = until is not None and until > now and not owner_is_gone(holder)
                 if holder is not None and holder != owner and live:
                     return False
                 conn.execute(

@@ -30,7 +30,7 @@ from flux_mcp import errors
 from flux_mcp.catalog import TaskRequest, TaskType
 from flux_mcp.client import CancelOutcome, PiAPIClient
 from flux_mcp.files import ImageStore, InputResolver, fetch_image, make_thumbnail
-from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id
+from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id, owner_is_gone
 from flux_mcp.parameters import build_request
 from flux_mcp.polling import DEFAULT_POLICY, OnUpdate, PollPolicy, wait_for_task
 from flux_mcp.record import TaskRecord
@@ -41,12 +41,14 @@ log = logging.getLogger(__name__)
 OTHER_PROCESS_SUBMIT_WAIT_SECONDS = 30.0
 DOWNLOAD_WAIT_SECONDS = 30.0
 _DATA_URI_PREVIEW = 48
+_SECRET_KEYS = frozenset({"secret", "webhook_secret"})
 
 
 def summarise_payload(value: Any) -> Any:
-    """The payload as shown to models and stored in the ledger: data URIs shortened."""
+    """A payload or argument set as shown to models and stored on disk (ledger, sidecars):
+    data URIs shortened, webhook secrets masked."""
     if isinstance(value, dict):
-        return {k: summarise_payload(v) for k, v in value.items()}
+        return {k: "***" if k in _SECRET_KEYS and v else summarise_payload(v) for k, v in value.items()}
     if isinstance(value, list):
         return [summarise_payload(v) for v in value]
     if isinstance(value, str) and value.startswith("data:") and len(value) > _DATA_URI_PREVIEW * 2:
@@ -105,49 +107,81 @@ class TaskService:
 
     # --- submit exactly once ----------------------------------------------------------------
 
-    def _idempotency(self, tool: str, payload: dict[str, Any], key: str | None) -> tuple[str, float | None]:
+    def _idempotency(self, tool: str, payload_fingerprint: str, key: str | None) -> tuple[str, float | None]:
         if key:
             return f"key:{key}", None
         window = self.settings.idempotency_window_seconds
         if window <= 0:
             return f"once:{uuid.uuid4().hex}", 0.0
-        return f"fp:{tool}:{fingerprint(payload)}", window
+        return f"fp:{tool}:{payload_fingerprint}", window
 
-    async def submit(self, tool: str, request: TaskRequest, *, idempotency_key: str | None = None) -> Submission:
+    async def submit(
+        self,
+        tool: str,
+        request: TaskRequest,
+        *,
+        arguments: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Submission:
+        """Create the task once. `arguments` (the tool's normalised arguments) go to the ledger."""
         payload = request.to_payload()
-        key, window = self._idempotency(tool, payload, idempotency_key)
+        # Hashing a payload that carries a 20 MB data URI takes a noticeable time: off the loop.
+        payload_fingerprint = await anyio.to_thread.run_sync(fingerprint, payload)
+        key, window = self._idempotency(tool, payload_fingerprint, idempotency_key)
         reservation = await self.ledger.reserve(
             idempotency_key=key,
             window_seconds=window,
             tool=tool,
             task_type=request.task_type.value,
             model=request.model.value,
-            request=summarise_payload(payload),
+            request=summarise_payload(arguments if arguments is not None else payload),
             payload=summarise_payload(payload),
             estimated_cost_usd=request.estimated_cost_usd,
+            payload_fingerprint=payload_fingerprint,
+            owner=self._owner,
         )
         if not reservation.is_new:
-            return await self._reattach(reservation.entry)
+            return await self._reattach(reservation.entry, payload_fingerprint)
         local_id = reservation.entry.local_id
-        try:
-            record = await self.client.create_task(payload)
-        except errors.SubmitUncertainError as exc:
-            await self.ledger.mark_uncertain(local_id, exc.message)
-            raise
-        except errors.FluxError:
-            await self.ledger.release(local_id)
-            raise
-        except BaseException:
-            # Cancelled (or crashed) mid-request: the POST may have landed, so say so durably.
-            with anyio.CancelScope(shield=True):
-                await self.ledger.mark_uncertain(local_id, "the request was interrupted while creating the task")
-            raise
-        await self.ledger.attach(local_id, record)
+        # Once the POST may be on its way, a client's cancel must not separate the task id from the
+        # ledger: the create and its recording run shielded (bounded), and a cancelled caller then
+        # cancels the task at PiAPI through its normal path.
+        with anyio.CancelScope(shield=True) as shielded:
+            shielded.deadline = anyio.current_time() + self.settings.request_timeout_seconds * 2 + 10
+            try:
+                record = await self.client.create_task(payload)
+            except errors.SubmitUncertainError as exc:
+                await self.ledger.mark_uncertain(local_id, exc.message)
+                raise
+            except errors.FluxError:
+                await self.ledger.release(local_id)
+                raise
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.ledger.mark_uncertain(local_id, "creating the task was interrupted; it may exist")
+                raise
+            await self.ledger.attach(local_id, record)
         return Submission(record=record)
 
-    async def _reattach(self, entry: LedgerEntry) -> Submission:
-        if entry.submit_state == "submitting":
+    async def _reattach(self, entry: LedgerEntry, payload_fingerprint: str) -> Submission:
+        if entry.idempotency_key and entry.idempotency_key.startswith("key:") and entry.fingerprint:
+            if entry.fingerprint != payload_fingerprint:
+                raise errors.InvalidInputError(
+                    f"idempotency_key {entry.idempotency_key[4:]!r} was already used for a different request "
+                    f"(task {entry.task_id or 'not yet created'}); use a new key for a new request",
+                    hint="Pass a new idempotency_key, or repeat the original arguments to re-attach.",
+                )
+        if entry.submit_state == "submitting" and owner_is_gone(entry.submit_owner):
+            await self.ledger.mark_uncertain(entry.local_id, "the process submitting it stopped mid-request")
+            entry = await self.ledger.get_local(entry.local_id) or entry
+        elif entry.submit_state == "submitting":
             entry = await self.ledger.wait_for_submission(entry.local_id, OTHER_PROCESS_SUBMIT_WAIT_SECONDS)
+            if entry.submit_state == "submitting":
+                raise errors.SubmitUncertainError(
+                    "an identical request is being submitted by another flux-mcp process right now",
+                    retryable=True,
+                    hint="Call again in a few seconds: the repeat re-attaches to that task instead of paying twice.",
+                )
         if entry.submit_state == "uncertain" or entry.task_id is None:
             when = datetime.fromtimestamp(entry.created_at, UTC).isoformat(timespec="seconds")
             raise errors.SubmitUncertainError(

@@ -56,6 +56,7 @@ class BackoffPolicy:
 
 
 DEFAULT_POLICY = BackoffPolicy()
+FINAL_POLL_GRACE_SECONDS = 1.0
 
 
 async def _notify(on_update: OnUpdate | None, record: TaskRecord, elapsed: float) -> None:
@@ -113,7 +114,16 @@ async def wait_for_task(
             return record
     while True:
         try:
-            record = await fetch(task_id)
+            if record is None:  # nothing to return yet: this answer is needed, however long it takes
+                record = await fetch(task_id)
+            else:
+                # A poll (with the client's own retries and Retry-After sleeps) must not carry the
+                # wait past its deadline by more than a moment: past it, the last record stands.
+                with anyio.move_on_after(max(deadline - clock(), FINAL_POLL_GRACE_SECONDS)) as scope:
+                    record = await fetch(task_id)
+                if scope.cancelled_caught:
+                    log.info("poll of %s ran past the deadline; returning the last known state", task_id)
+                    return record
         except errors.FluxError as exc:
             if not exc.retryable or (record is None and clock() >= deadline):
                 raise

@@ -11,7 +11,7 @@ never end a paid task early.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -66,9 +66,10 @@ def parse_time(raw: object) -> datetime | None:
     if fraction:
         text = text[: fraction.start()] + "." + fraction.group(1)[:6] + text[fraction.end() :]
     try:
-        return datetime.fromisoformat(text)
+        parsed = datetime.fromisoformat(text)
     except ValueError:
         return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)  # PiAPI's times are UTC
 
 
 def collect_image_urls(output: object) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any
 from mcp.types import CallToolResult, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel
 
-from flux_mcp.errors import FluxError
+from flux_mcp.errors import FluxError, TaskFailedError
 from flux_mcp.lifecycle import TaskOutcome
 from flux_mcp.record import Status, TaskRecord
 
@@ -101,12 +101,13 @@ def task_result(outcome: TaskOutcome, *, estimated_cost_usd: float | None = None
     paths = {row.n: row.path for row in outcome.images}
     error = None
     if record.error is not None:
+        failed = record.status == "failed"
         error = ErrorOut(
             code=record.error.code,
-            category="task_failed" if record.status == "failed" else "cancelled",
+            category=TaskFailedError.category if failed else "cancelled",
             message=record.error.text,
             retryable=False,
-            hint="Adjust the prompt or inputs and submit a new task." if record.status == "failed" else "",
+            hint=TaskFailedError.default_hint if failed else "",
         )
     saved = all(paths.get(n) for n in range(len(record.image_urls)))
     notes = [n for n in (_next_step(record, saved), *outcome.notes) if n]

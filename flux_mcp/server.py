@@ -1,28 +1,35 @@
 """The MCP surface: `create_server(settings)` wires the pure core to an `MCPServer`.
 
-Eight task tools are generated from `flux_mcp.parameters.TASK_TOOLS`: each gets a real
-signature (so the SDK publishes a precise JSON schema with descriptions, enums, ranges and
-defaults) built from the shared parameter definitions, and all of them run `_run_task_tool`.
-A task tool submits, reports the task id in its first progress notification, waits up to
-`wait_seconds` with real progress (status and elapsed time, strictly increasing), and returns
-either the finished task or a successful `processing` result with the task id, so a client-side
-time-out can never lose a paid task. `flux_get_task`, `flux_wait_task`, `flux_cancel_task` and
-`flux_list_tasks` work on any task by id, from the ledger and PiAPI.
+Eight task tools are generated from `flux_mcp.parameters.TASK_TOOLS`. Each publishes the JSON
+schema of its own arguments model (built from the shared parameter definitions: descriptions,
+enums, ranges, defaults) and validates the client's raw arguments with that same model, so every
+bad or unknown argument comes back as one structured `invalid_input` error; `_check_calls` hands
+them over raw, untouched by the SDK's lenient parsing. All eight run `_run_task_tool`: submit,
+report the task id in the first progress notification, wait up to `wait_seconds` with real
+progress (status and elapsed time, strictly increasing), and return either the finished task or
+a successful `processing` result with the task id, so a client-side time-out can never lose a
+paid task. `flux_get_task`, `flux_wait_task`, `flux_cancel_task` and `flux_list_tasks` work on
+any task by id, from the ledger and PiAPI.
 
 If the client abandons a task tool's call (cancel notification or dropped request), the wait
 stops and PiAPI is sent a best-effort cancel inside a shielded scope. Abandoning the read-only
 `flux_wait_task` only stops waiting. Anticipated failures are `isError` results carrying an
 `error` object; only programming errors reach the SDK's generic "Error executing tool".
+
+Two things lean on SDK internals, each in one function with its reason: `_publish_schemas`
+(titles and output `$ref`s) and `_check_calls` (a `tools/call` middleware), both through the
+SDK's tool registry `mcp._tool_manager`.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal
 
@@ -70,7 +77,6 @@ INSTRUCTIONS = (
 
 TaskId = Annotated[str, Field(description="task_id from a flux_* result.")]
 ReturnsTask = Annotated[CallToolResult, TaskResult]
-_UNSET: Any = None  # lenient task-tool signatures default every argument to this
 ListStatus = Literal["pending", "processing", "completed", "failed", "cancelled", "uncertain"]
 TaskTypeName = Literal[
     "txt2img", "img2img", "txt2img-lora", "img2img-lora",
@@ -189,7 +195,7 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
         )
         return to_call_result(result)
     try:
-        submission = await service.submit(tool.name, request, idempotency_key=idempotency_key)
+        submission = await service.submit(tool.name, request, arguments=args, idempotency_key=idempotency_key)
     except FluxError as exc:
         return await _failure(exc, task_type=request.task_type.value, model=request.model.value)
     record = submission.record
@@ -210,31 +216,18 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
 
 
 def _task_tool_function(tool: TaskTool) -> Callable[..., Awaitable[CallToolResult]]:
-    """A coroutine function taking the tool's parameters by name.
+    """The tool body: validates the raw arguments (see `_check_calls`) with the tool's model."""
 
-    The SDK validates arguments against a function's signature before the tool runs and reports
-    failures as plain text. These signatures are therefore lenient (`Any`); the strict schema is
-    published from `tool.arguments_model` (see `_publish_schemas`), and the tool validates with the
-    same model itself, so a bad argument comes back as the structured `invalid_input` error.
-    """
-    params = [
-        inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=_UNSET, annotation=Any)
-        for p in tool.all_parameters()
-    ]
-    params.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context))
-
-    async def run(**kwargs: Any) -> CallToolResult:
-        ctx = kwargs.pop("ctx")
+    async def run(ctx: Context, raw_arguments: Any = None) -> ReturnsTask:
         try:
-            args = tool.validate_arguments(kwargs)
+            args = tool.validate_arguments(raw_arguments if isinstance(raw_arguments, dict) else {})
         except FluxError as exc:
-            model = tool.fixed_model or kwargs.get("model") or PARAMETERS["model"].default
+            given = raw_arguments.get("model") if isinstance(raw_arguments, dict) else None
+            model = tool.fixed_model or (given if isinstance(given, str) else None) or PARAMETERS["model"].default
             return await _failure(exc, task_type=tool.task_type.value, model=str(model))
         return await _run_task_tool(tool, ctx, args)
 
     run.__name__ = run.__qualname__ = tool.name
-    run.__signature__ = inspect.Signature(params, return_annotation=ReturnsTask)  # type: ignore[attr-defined]
-    run.__annotations__ = {p.name: p.annotation for p in params} | {"return": ReturnsTask}
     return run
 
 
@@ -303,23 +296,34 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
     _register_task_management(mcp)
     _register_resources(mcp)
     _publish_schemas(mcp)
-    _reject_unknown_tools(mcp)
+    _check_calls(mcp)
     return mcp
 
 
-def _reject_unknown_tools(mcp: MCPServer) -> None:
-    """Answer a call to an unknown tool with JSON-RPC -32602, as both spec revisions require.
+def _check_calls(mcp: MCPServer) -> None:
+    """A `tools/call` middleware (runs before the SDK parses arguments).
 
-    `MCPServer` still answers it with an `isError` result (python-sdk#3659); remove this
-    middleware once it does not (the reference servers carry the same one).
+    - An unknown tool is a JSON-RPC -32602 error, as both spec revisions require; `MCPServer`
+      still answers it with an `isError` result (python-sdk#3659). The reference servers carry
+      the same check; remove it once the SDK does this.
+    - A task tool receives the client's arguments untouched, as one `raw_arguments` value: the
+      SDK would otherwise drop unknown names silently and JSON-decode text that looks like JSON
+      (a prompt of `null`), before the tool's own model could report either.
+    - The other tools keep the SDK's validation; an argument they do not have is -32602 too.
     """
-    names = frozenset(tool.name for tool in mcp._tool_manager.list_tools())
+    tools = {tool.name: tool for tool in mcp._tool_manager.list_tools()}
+    task_tools = {tool.name for tool in TASK_TOOLS}
 
     async def middleware(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         if ctx.method == "tools/call" and ctx.params is not None:
             name = ctx.params.get("name")
-            if isinstance(name, str) and name not in names:
+            arguments = ctx.params.get("arguments") or {}
+            if not isinstance(name, str) or name not in tools:
                 raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
+            if name in task_tools:
+                ctx = dataclasses.replace(ctx, params={**ctx.params, "arguments": {"raw_arguments": arguments}})
+            elif unknown := sorted(set(arguments) - set(tools[name].parameters.get("properties", {}))):
+                raise MCPError(code=INVALID_PARAMS, message=f"{name} has no argument(s): {', '.join(unknown)}")
         return await call_next(ctx)
 
     mcp.middleware.append(middleware)
@@ -394,9 +398,8 @@ def _register_task_management(mcp: MCPServer) -> None:
 
 
 def _summary(entry: Any) -> TaskSummary:
-    from datetime import UTC, datetime
-
-    prompt = (entry.request.get("input") or {}).get("prompt") if isinstance(entry.request, dict) else None
+    request = entry.request if isinstance(entry.request, dict) else {}
+    prompt = request.get("prompt") or (entry.payload.get("input") or {}).get("prompt")
     return TaskSummary(
         task_id=entry.task_id,
         tool=entry.tool,

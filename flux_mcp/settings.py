@@ -7,6 +7,7 @@ as `**********` in any repr, log line or error.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -55,8 +56,6 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: object) -> object:
         # FLUX_MCP_IMAGE_ROOTS is a path list in the platform's PATH syntax ("a:b" or "a;b").
         if isinstance(value, str):
-            import os
-
             return [p for p in value.split(os.pathsep) if p.strip()]
         return value
 
@@ -77,8 +76,19 @@ class Settings(BaseSettings):
         return self.data_dir / "tasks.sqlite3"
 
     def allowed_image_roots(self) -> list[Path]:
-        """Where local input images may be read from: the configured roots, else cwd + outputs."""
-        roots = list(self.image_roots) or [Path.cwd(), self.output_dir]
+        """Where local input images may be read from: the configured roots, else the working
+        directory and the output directory.
+
+        Hosts start servers with odd working directories (Claude Desktop uses `/`, others the home
+        directory), and a root there would open every picture on the disk to an agent. So the
+        working directory is a default root only when it is neither the filesystem root nor the
+        home directory nor above it; FLUX_MCP_IMAGE_ROOTS can still name any folder explicitly.
+        """
+        if self.image_roots:
+            return [Path(r).expanduser().resolve() for r in self.image_roots]
+        cwd, home = Path.cwd().resolve(), Path.home().resolve()
+        too_broad = cwd == Path(cwd.anchor) or home == cwd or home.is_relative_to(cwd)
+        roots = [self.output_dir] if too_broad else [cwd, self.output_dir]
         return [Path(r).expanduser().resolve() for r in roots]
 
     def require_api_key(self) -> str:

@@ -97,18 +97,19 @@ async def test_get_gives_up_after_the_attempt_budget_with_a_retryable_error():
         httpx.Response(500, json={"code": 500, "message": "internal"}),
         httpx.Response(502, text="bad gateway"),
         httpx.Response(200, text="not json"),
+        httpx.Response(200, json={"code": 500, "data": None, "message": "internal"}),
+        httpx.Response(504, text="gateway timeout"),
         httpx.ReadTimeout("read timed out"),
         httpx.RemoteProtocolError("peer closed"),
     ],
-    ids=["500", "502", "non-json", "read-timeout", "connection-dropped"],
+    ids=["500", "502", "non-json", "envelope-500", "504", "read-timeout", "connection-dropped"],
 )
 async def test_create_is_never_retried_once_the_request_may_have_reached_piapi(failure):
     script = Script(failure, ok(task()))
-    with pytest.raises(errors.FluxError) as info:
+    with pytest.raises(errors.SubmitUncertainError) as info:
         await make_client(script).create_task(PAYLOAD)
     assert len(script.requests) == 1
-    if isinstance(failure, Exception):
-        assert info.value.category == "submit_uncertain"
+    assert info.value.category == "submit_uncertain" and "may exist" in info.value.message
 
 
 @pytest.mark.parametrize(
@@ -174,3 +175,35 @@ async def test_downloads_never_carry_the_api_key():
 async def test_create_without_a_task_id_is_uncertain():
     with pytest.raises(errors.SubmitUncertainError):
         await make_client(Script(ok({"status": "pending"}))).create_task(PAYLOAD)
+
+
+async def test_a_4xx_answer_to_the_create_proves_nothing_was_created():
+    script = Script(httpx.Response(400, json={"code": 400, "message": "invalid model"}))
+    with pytest.raises(errors.InvalidInputError) as info:
+        await make_client(script).create_task(PAYLOAD)
+    assert "invalid model" in info.value.message and "nothing was sent" not in info.value.hint
+
+
+async def test_a_403_is_not_reported_as_a_bad_key():
+    script = Script(httpx.Response(403, json={"code": 403, "message": "plan does not include this model"}))
+    with pytest.raises(errors.AuthError) as info:
+        await make_client(script).create_task(PAYLOAD)
+    assert "refused access" in info.value.message and "Creator plan" in info.value.hint
+
+
+async def test_create_stops_retrying_429_when_the_backoff_budget_is_spent():
+    sleeps: list[float] = []
+    script = Script(httpx.Response(429, headers={"Retry-After": "10"}, json={"code": 429, "message": "slow"}))
+    with pytest.raises(errors.RateLimitedError):
+        await make_client(script, sleeps).create_task(PAYLOAD)
+    assert sleeps == [10.0] and len(script.requests) == 2  # a second 10 s would pass the 15 s budget
+
+
+async def test_download_failures_of_any_kind_become_typed_errors():
+    def redirect_loop(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"Location": str(request.url)})
+
+    client = PiAPIClient(BASE, KEY, http=httpx.AsyncClient(transport=httpx.MockTransport(redirect_loop)))
+    with pytest.raises(errors.NetworkError, match="TooManyRedirects"):
+        async with client.stream_download("https://img.example.test/a.png"):
+            pass

@@ -218,8 +218,10 @@ async def test_record_inserts_unknown_task_and_tracks_history(tmp_path: Path) ->
         named = await ledger.record(failed, tool="flux_get_task")
         assert named.tool == "flux_get_task"
         assert named.error == {"code": 10000, "message": "nsfw", "raw_message": ""}
-        cleared = await ledger.record(task("ext-2", "processing"))
-        assert cleared.error is None
+        # A stale poll from a slower process never moves a finished task backwards.
+        stale = await ledger.record(task("ext-2", "processing"))
+        assert stale.status == "failed" and stale.error == named.error
+        assert [s for s, _ in await ledger.history("ext-2")] == ["failed"]
 
 
 @pytest.mark.anyio

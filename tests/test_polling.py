@@ -149,3 +149,23 @@ async def test_with_the_create_response_and_no_time_there_is_no_get_at_all():
     created = TaskRecord(task_id="t", status="pending")
     assert await wait_for_task(fetch, "t", timeout=0, initial=created, clock=time.clock, sleep=time.sleep) is created
     assert calls == []
+
+
+async def test_a_slow_poll_never_carries_the_wait_far_past_its_deadline():
+    import anyio
+
+    from flux_mcp import polling
+
+    calls = 0
+
+    async def slow_fetch(task_id):
+        nonlocal calls
+        calls += 1
+        await anyio.sleep(30)  # e.g. a GET stuck in Retry-After backoff
+        return TaskRecord(task_id=task_id, status="completed")
+
+    created = TaskRecord(task_id="t", status="pending")
+    started = anyio.current_time()
+    record = await wait_for_task(slow_fetch, "t", timeout=0.2, initial=created)
+    assert record is created and calls == 1
+    assert anyio.current_time() - started < 0.2 + polling.FINAL_POLL_GRACE_SECONDS + 0.5

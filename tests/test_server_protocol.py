@@ -296,10 +296,13 @@ async def test_an_identical_request_reattaches_instead_of_paying_again(client, s
     assert len(posts(sim)) == 2
 
 
-async def test_explicit_idempotency_key_wins_over_different_arguments(client, sim):
+async def test_an_idempotency_key_reattaches_the_same_request_and_refuses_a_different_one(client, sim):
     first = await client.call_tool("flux_txt2img", {"prompt": "one", "idempotency_key": "k1"})
-    second = await client.call_tool("flux_txt2img", {"prompt": "two", "idempotency_key": "k1"})
-    assert second.structured_content["task_id"] == first.structured_content["task_id"]
+    again = await client.call_tool("flux_txt2img", {"prompt": "one", "idempotency_key": "k1", "wait_seconds": 1})
+    assert again.structured_content["task_id"] == first.structured_content["task_id"]
+    other = await client.call_tool("flux_txt2img", {"prompt": "two", "idempotency_key": "k1"})
+    assert other.is_error and other.structured_content["error"]["category"] == "invalid_input"
+    assert "already used for a different request" in other.structured_content["error"]["message"]
     assert len(posts(sim)) == 1
 
 
@@ -480,3 +483,39 @@ async def test_strict_mode_clients_sending_every_property_get_the_same_payload(c
     assert strict.structured_content["payload"] == plain.structured_content["payload"]
     listed = await client.call_tool("flux_list_tasks", {"status": None, "task_type": None, "limit": 5})
     assert listed.is_error is False
+
+
+async def test_unknown_arguments_are_refused_not_silently_dropped(client, sim):
+    result = await client.call_tool("flux_fill_inpaint", {"prompt": "x", "image": "https://e.com/a.png", "mask": "m"})
+    assert result.is_error and result.structured_content["error"]["category"] == "invalid_input"
+    assert "mask: is not a parameter" in result.structured_content["error"]["message"]
+    from mcp import MCPError
+
+    with pytest.raises(MCPError) as info:
+        await client.call_tool("flux_get_task", {"task_id": "t", "verbose": True})
+    assert info.value.error.code == -32602 and "verbose" in info.value.error.message
+    assert sim.state.log == []
+
+
+@pytest.mark.parametrize("prompt", ["null", '["a cat"]', '{"x": 1}', "42"])
+async def test_text_that_looks_like_json_stays_text(client, prompt):
+    result = await client.call_tool("flux_txt2img", {"prompt": prompt, "dry_run": True})
+    assert result.is_error is False
+    assert result.structured_content["payload"]["input"]["prompt"] == prompt
+
+
+async def test_webhook_secrets_are_masked_everywhere_they_are_stored(client, settings):
+    args = {"prompt": "hooked", "webhook_endpoint": "https://hooks.example/x", "webhook_secret": "s3cr3t"}
+    dry = await client.call_tool("flux_txt2img", {**args, "dry_run": True})
+    assert dry.structured_content["payload"]["config"]["webhook_config"] == {
+        "endpoint": "https://hooks.example/x",
+        "secret": "***",
+    }
+    result = await client.call_tool("flux_txt2img", args)
+    task_id = result.structured_content["task_id"]
+    record = (await client.read_resource(f"flux://tasks/{task_id}")).contents[0].text
+    sidecar = Path(result.structured_content["images"][0]["path"]).with_suffix(".json").read_text()
+    ledger = b"".join(p.read_bytes() for p in settings.data_dir.glob("tasks.sqlite3*"))  # with the WAL
+    assert b"hooks.example" in ledger  # the check below reads the right files
+    for stored in (record, sidecar, ledger.decode("latin-1")):
+        assert "s3cr3t" not in stored

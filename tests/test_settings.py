@@ -1,0 +1,45 @@
+"""Settings: environment names, validation, and the default image roots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flux_mcp.settings import ConfigurationError, Settings
+
+
+def test_environment_names(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIAPI_API_KEY", "k-123")
+    monkeypatch.setenv("PIAPI_BASE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("FLUX_MCP_WAIT_SECONDS", "12.5")
+    monkeypatch.setenv("FLUX_MCP_IMAGE_ROOTS", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    monkeypatch.setenv("FLUX_MCP_INCLUDE_IMAGE", "none")
+    settings = Settings()
+    assert settings.require_api_key() == "k-123" and "k-123" not in repr(settings)
+    assert settings.base_url == "http://127.0.0.1:9" and settings.wait_seconds == 12.5
+    assert settings.allowed_image_roots() == [(tmp_path / "a").resolve(), (tmp_path / "b").resolve()]
+    assert settings.include_image == "none"
+
+
+def test_a_missing_key_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="PIAPI_API_KEY is not set"):
+        Settings().require_api_key()
+
+
+def test_default_roots_are_the_working_directory_and_the_output_directory(monkeypatch, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    settings = Settings(output_dir=tmp_path / "out")
+    assert settings.allowed_image_roots() == [project.resolve(), (tmp_path / "out").resolve()]
+
+
+@pytest.mark.parametrize("cwd", ["/", "home", "above-home"])
+def test_a_working_directory_that_would_expose_the_whole_disk_or_home_is_not_a_root(monkeypatch, tmp_path, cwd):
+    home = tmp_path / "users" / "me"
+    home.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir({"/": Path("/"), "home": home, "above-home": tmp_path / "users"}[cwd])
+    settings = Settings(output_dir=tmp_path / "out")
+    assert settings.allowed_image_roots() == [(tmp_path / "out").resolve()]
