@@ -135,7 +135,7 @@ def task_result(outcome: TaskOutcome, *, estimated_cost_usd: float | None = None
 def summary_text(result: TaskResult) -> str:
     if result.status is None and result.error is not None:
         text = f"Error [{result.error.category}] {result.error.message}"
-        if result.task_id:
+        if result.task_id and result.task_id not in text:
             text += f" (task {result.task_id})"
         return text + (f"\n{result.error.hint}" if result.error.hint else "")
     if result.status is None:
