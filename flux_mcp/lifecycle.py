@@ -60,7 +60,6 @@ def summarise_payload(value: Any) -> Any:
 class Submission:
     record: TaskRecord
     reattached: bool = False
-    reattached_at: float | None = None
 
 
 @dataclass
@@ -188,7 +187,7 @@ class TaskService:
                 f"an identical request submitted at {when} has an unknown outcome, so it is not sent again"
             )
         record = entry.record or TaskRecord(task_id=entry.task_id, model=entry.model, task_type=entry.task_type)
-        return Submission(record=record, reattached=True, reattached_at=entry.created_at)
+        return Submission(record=record, reattached=True)
 
     # --- wait, record, finish ---------------------------------------------------------------
 
