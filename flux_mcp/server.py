@@ -301,7 +301,7 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
 
 
 def _check_calls(mcp: MCPServer) -> None:
-    """A `tools/call` middleware (runs before the SDK parses arguments).
+    """A middleware for `tools/call` and `prompts/get` (runs before the SDK parses arguments).
 
     - An unknown tool is a JSON-RPC -32602 error, as both spec revisions require; `MCPServer`
       still answers it with an `isError` result (python-sdk#3659). The reference servers carry
@@ -310,20 +310,27 @@ def _check_calls(mcp: MCPServer) -> None:
       SDK would otherwise drop unknown names silently and JSON-decode text that looks like JSON
       (a prompt of `null`), before the tool's own model could report either.
     - The other tools keep the SDK's validation; an argument they do not have is -32602 too.
+    - `prompts/get` is -32602 (unknown prompt): the server has none, and the SDK would answer an
+      internal error.
     """
     tools = {tool.name: tool for tool in mcp._tool_manager.list_tools()}
     task_tools = {tool.name for tool in TASK_TOOLS}
 
     async def middleware(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-        if ctx.method == "tools/call" and ctx.params is not None:
-            name = ctx.params.get("name")
-            arguments = ctx.params.get("arguments") or {}
+        params = ctx.params if isinstance(ctx.params, dict) else {}
+        if ctx.method == "tools/call":
+            name, arguments = params.get("name"), params.get("arguments") or {}
             if not isinstance(name, str) or name not in tools:
                 raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
             if name in task_tools:
-                ctx = dataclasses.replace(ctx, params={**ctx.params, "arguments": {"raw_arguments": arguments}})
-            elif unknown := sorted(set(arguments) - set(tools[name].parameters.get("properties", {}))):
+                ctx = dataclasses.replace(ctx, params={**params, "arguments": {"raw_arguments": arguments}})
+            elif isinstance(arguments, dict) and (
+                unknown := sorted(set(arguments) - set(tools[name].parameters.get("properties", {})))
+            ):
                 raise MCPError(code=INVALID_PARAMS, message=f"{name} has no argument(s): {', '.join(unknown)}")
+        elif ctx.method == "prompts/get":
+            # This server has no prompts; the SDK would answer an internal error (or code 0).
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {params.get('name')}")
         return await call_next(ctx)
 
     mcp.middleware.append(middleware)

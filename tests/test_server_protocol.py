@@ -519,3 +519,11 @@ async def test_webhook_secrets_are_masked_everywhere_they_are_stored(client, set
     assert b"hooks.example" in ledger  # the check below reads the right files
     for stored in (record, sidecar, ledger.decode("latin-1")):
         assert "s3cr3t" not in stored
+
+
+async def test_an_unknown_prompt_is_invalid_params_not_an_internal_error(client):
+    from mcp import MCPError
+
+    with pytest.raises(MCPError) as info:
+        await client.get_prompt("nope")
+    assert info.value.error.code == -32602 and "Unknown prompt: nope" in info.value.error.message
