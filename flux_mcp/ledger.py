@@ -516,24 +516,26 @@ class TaskLedger:
     async def claim_downloads(self, task_id: str, owner: str, lease_seconds: float = 120) -> bool:
         """True if `owner` may download this task's images now.
 
-        False when the task is unknown, its images are already saved (every stored image row has
-        a path), or another owner holds an unexpired lease. Re-claiming one's own lease renews it.
+        False when the task is unknown, every image PiAPI returned already has a local copy, or
+        another live owner holds an unexpired lease. Re-claiming one's own lease renews it.
         """
         now = self._clock()
 
         def claim(conn: sqlite3.Connection) -> bool:
             with _immediate(conn):
                 row = conn.execute(
-                    "SELECT local_id, download_owner, download_lease_until FROM tasks WHERE task_id = ?",
+                    "SELECT local_id, image_urls_json, download_owner, download_lease_until FROM tasks "
+                    "WHERE task_id = ?",
                     (task_id,),
                 ).fetchone()
                 if row is None:
                     return False
-                counts = conn.execute(
-                    "SELECT COUNT(*) AS total, COUNT(path) AS saved FROM images WHERE local_id = ?",
-                    (row["local_id"],),
-                ).fetchone()
-                if counts["total"] > 0 and counts["total"] == counts["saved"]:
+                saved = conn.execute(
+                    "SELECT COUNT(path) FROM images WHERE local_id = ?", (row["local_id"],)
+                ).fetchone()[0]
+                # Done only when every image PiAPI returned has a copy: a batch interrupted after
+                # its first image stored one row, not all of them.
+                if saved > 0 and saved >= len(json.loads(row["image_urls_json"])):
                     return False
                 holder, until = row["download_owner"], row["download_lease_until"]
                 live = until is not None and until > now and not owner_is_gone(holder)

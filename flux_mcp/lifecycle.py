@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from flux_mcp import errors
 from flux_mcp.catalog import TaskRequest, TaskType
@@ -142,11 +143,20 @@ class TaskService:
         if not reservation.is_new:
             return await self._reattach(reservation.entry, payload_fingerprint)
         local_id = reservation.entry.local_id
+        try:
+            # Writing the reservation could not be interrupted: a cancel that came meanwhile must
+            # stop us here, before anything is paid for.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self.ledger.release(local_id)
+            raise
         # Once the POST may be on its way, a client's cancel must not separate the task id from the
         # ledger: the create and its recording run shielded (bounded), and a cancelled caller then
         # cancels the task at PiAPI through its normal path.
+        record: TaskRecord | None = None
         with anyio.CancelScope(shield=True) as shielded:
-            shielded.deadline = anyio.current_time() + self.settings.request_timeout_seconds * 2 + 10
+            shielded.deadline = anyio.current_time() + self._create_deadline_seconds
             try:
                 record = await self.client.create_task(payload)
             except errors.SubmitUncertainError as exc:
@@ -159,8 +169,23 @@ class TaskService:
                 with anyio.CancelScope(shield=True):
                     await self.ledger.mark_uncertain(local_id, "creating the task was interrupted; it may exist")
                 raise
-            await self.ledger.attach(local_id, record)
+            try:
+                await self.ledger.attach(local_id, record)
+            except errors.FluxError as exc:
+                # PiAPI has the task but the ledger could not say so: never lose its id.
+                exc.task_id = record.task_id
+                exc.message = f"task {record.task_id} was created, but recording it failed: {exc.message}"
+                raise
+        if record is None or shielded.cancelled_caught:
+            raise errors.SubmitUncertainError(
+                f"creating the task took longer than {self._create_deadline_seconds:.0f} s; it may exist"
+            )
         return Submission(record=record)
+
+    @property
+    def _create_deadline_seconds(self) -> float:
+        """How long a create may run shielded; a reservation older than this is settled."""
+        return self.settings.request_timeout_seconds * 2 + 30
 
     async def _reattach(self, entry: LedgerEntry, payload_fingerprint: str) -> Submission:
         if entry.idempotency_key and entry.idempotency_key.startswith("key:") and entry.fingerprint:
@@ -170,7 +195,9 @@ class TaskService:
                     f"(task {entry.task_id or 'not yet created'}); use a new key for a new request",
                     hint="Pass a new idempotency_key, or repeat the original arguments to re-attach.",
                 )
-        if entry.submit_state == "submitting" and owner_is_gone(entry.submit_owner):
+        stale = time.time() - entry.created_at > self._create_deadline_seconds + OTHER_PROCESS_SUBMIT_WAIT_SECONDS
+        if entry.submit_state == "submitting" and (stale or owner_is_gone(entry.submit_owner)):
+            # Its process died, or it outlived any create (an owner on another host cannot be probed).
             await self.ledger.mark_uncertain(entry.local_id, "the process submitting it stopped mid-request")
             entry = await self.ledger.get_local(entry.local_id) or entry
         elif entry.submit_state == "submitting":
@@ -200,6 +227,10 @@ class TaskService:
         initial: TaskRecord | None = None,
     ) -> TaskOutcome:
         """Wait up to `timeout` seconds, then `finish` whatever state the task is in."""
+        last_known = None
+        if initial is None and (entry := await self.ledger.get(task_id)) is not None and entry.record:
+            # A finished task needs no GET; a running one is polled, with the ledger as fallback.
+            initial, last_known = (entry.record, None) if entry.record.is_terminal else (None, entry.record)
         last_status = initial.status if initial is not None else None
         deadline = self._clock() + timeout
 
@@ -221,6 +252,7 @@ class TaskService:
                 clock=self._clock,
                 sleep=self._sleep,
                 initial=initial,
+                last_known=last_known,
             )
         except errors.NotFoundError:
             return await self._forgotten(task_id)

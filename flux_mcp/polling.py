@@ -81,11 +81,16 @@ async def wait_for_task(
     clock: Clock = time.monotonic,
     sleep: Sleep = anyio.sleep,
     initial: TaskRecord | None = None,
+    last_known: TaskRecord | None = None,
 ) -> TaskRecord:
     """Poll `fetch(task_id)` until terminal or `timeout` seconds pass; return the latest record.
 
     Transient fetch failures (retryable `FluxError`) are tolerated while time remains: the last
     known record is kept and polling continues. A non-retryable failure is raised.
+
+    `initial` is a state the caller has just seen (reported at once; the first GET waits one
+    interval). `last_known` is an older state (e.g. from the ledger): polled at once, but what is
+    returned if that poll cannot finish by the deadline.
     """
     start = clock()
     deadline = start + max(0.0, timeout)
@@ -105,7 +110,9 @@ async def wait_for_task(
         attempt += 1
         return True
 
-    if record is not None:
+    if initial is None:
+        record = last_known
+    else:
         # The caller has just seen the task (e.g. in the create response): report it, then wait
         # one interval before the first GET instead of asking again at once.
         last_status = record.status

@@ -3,8 +3,8 @@
 Eight task tools are generated from `flux_mcp.parameters.TASK_TOOLS`. Each publishes the JSON
 schema of its own arguments model (built from the shared parameter definitions: descriptions,
 enums, ranges, defaults) and validates the client's raw arguments with that same model, so every
-bad or unknown argument comes back as one structured `invalid_input` error; `_check_calls` hands
-them over raw, untouched by the SDK's lenient parsing. All eight run `_run_task_tool`: submit,
+bad or unknown argument comes back as one structured `invalid_input` error; `FluxServer.call_tool`
+hands them over raw, untouched by the SDK's lenient parsing. All eight run `_run_task_tool`: submit,
 report the task id in the first progress notification, wait up to `wait_seconds` with real
 progress (status and elapsed time, strictly increasing), and return either the finished task or
 a successful `processing` result with the task id, so a client-side time-out can never lose a
@@ -16,14 +16,13 @@ stops and PiAPI is sent a best-effort cancel inside a shielded scope. Abandoning
 `flux_wait_task` only stops waiting. Anticipated failures are `isError` results carrying an
 `error` object; only programming errors reach the SDK's generic "Error executing tool".
 
-Two things lean on SDK internals, each in one function with its reason: `_publish_schemas`
-(titles and output `$ref`s) and `_check_calls` (a `tools/call` middleware), both through the
-SDK's tool registry `mcp._tool_manager`.
+Two things lean on SDK internals, each in one place with its reason: `_publish_schemas` (titles
+and output `$ref`s) and `FluxServer` (call checks), both through the SDK's registries
+(`_tool_manager`, `_prompt_manager`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +35,6 @@ from typing import Annotated, Any, Literal
 import anyio
 import httpx
 from mcp.server import MCPServer
-from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.shared.exceptions import MCPError
@@ -216,7 +214,7 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
 
 
 def _task_tool_function(tool: TaskTool) -> Callable[..., Awaitable[CallToolResult]]:
-    """The tool body: validates the raw arguments (see `_check_calls`) with the tool's model."""
+    """The tool body: validates the raw arguments (see `FluxServer.call_tool`) with the tool's model."""
 
     async def run(ctx: Context, raw_arguments: Any = None) -> ReturnsTask:
         try:
@@ -270,13 +268,48 @@ def _lifespan(settings: Settings, options: ServerOptions) -> Callable[[MCPServer
     return lifespan
 
 
+class FluxServer(MCPServer):
+    """`MCPServer` with the call checks this server needs, on every path (wire or direct call):
+
+    - An unknown tool is a JSON-RPC -32602 error, as both spec revisions require; `MCPServer`
+      still answers it with an `isError` result (python-sdk#3659). The reference servers carry
+      the same check; remove it once the SDK does this.
+    - A task tool receives the client's arguments untouched, as one `raw_arguments` value: the
+      SDK would otherwise drop unknown names silently and JSON-decode text that looks like JSON
+      (a prompt of `null`) before the tool's own model could report either.
+    - The other tools keep the SDK's validation; an argument they do not have is -32602 too.
+    - `prompts/get` is -32602 for an unknown prompt (this server has none); the SDK would answer
+      an internal error.
+    """
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None) -> Any:
+        tool = self._tool_manager.get_tool(name)
+        if tool is None:
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
+        if name in _TASK_TOOL_NAMES:
+            arguments = {"raw_arguments": arguments}
+        elif unknown := sorted(set(arguments) - set(tool.parameters.get("properties", {}))):
+            raise MCPError(code=INVALID_PARAMS, message=f"{name} has no argument(s): {', '.join(unknown)}")
+        return await super().call_tool(name, arguments, context)
+
+    async def get_prompt(
+        self, name: str, arguments: dict[str, Any] | None = None, context: Context[Any, Any] | None = None
+    ) -> Any:
+        if self._prompt_manager.get_prompt(name) is None:
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {name}")
+        return await super().get_prompt(name, arguments, context)
+
+
+_TASK_TOOL_NAMES = frozenset(tool.name for tool in TASK_TOOLS)
+
+
 def create_server(settings: Settings | None = None, options: ServerOptions | None = None) -> MCPServer:
     """Build a fresh server. Raises `ConfigurationError` (one line) before any transport opens."""
     settings = settings or Settings()
     if not settings.simulate:
         settings.require_api_key()
     options = options or ServerOptions()
-    mcp = MCPServer(
+    mcp = FluxServer(
         "flux-mcp",
         title="Flux image generation (PiAPI)",
         version=SERVER_VERSION,
@@ -296,44 +329,7 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
     _register_task_management(mcp)
     _register_resources(mcp)
     _publish_schemas(mcp)
-    _check_calls(mcp)
     return mcp
-
-
-def _check_calls(mcp: MCPServer) -> None:
-    """A middleware for `tools/call` and `prompts/get` (runs before the SDK parses arguments).
-
-    - An unknown tool is a JSON-RPC -32602 error, as both spec revisions require; `MCPServer`
-      still answers it with an `isError` result (python-sdk#3659). The reference servers carry
-      the same check; remove it once the SDK does this.
-    - A task tool receives the client's arguments untouched, as one `raw_arguments` value: the
-      SDK would otherwise drop unknown names silently and JSON-decode text that looks like JSON
-      (a prompt of `null`), before the tool's own model could report either.
-    - The other tools keep the SDK's validation; an argument they do not have is -32602 too.
-    - `prompts/get` is -32602 (unknown prompt): the server has none, and the SDK would answer an
-      internal error.
-    """
-    tools = {tool.name: tool for tool in mcp._tool_manager.list_tools()}
-    task_tools = {tool.name for tool in TASK_TOOLS}
-
-    async def middleware(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-        params = ctx.params if isinstance(ctx.params, dict) else {}
-        if ctx.method == "tools/call":
-            name, arguments = params.get("name"), params.get("arguments") or {}
-            if not isinstance(name, str) or name not in tools:
-                raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
-            if name in task_tools:
-                ctx = dataclasses.replace(ctx, params={**params, "arguments": {"raw_arguments": arguments}})
-            elif isinstance(arguments, dict) and (
-                unknown := sorted(set(arguments) - set(tools[name].parameters.get("properties", {})))
-            ):
-                raise MCPError(code=INVALID_PARAMS, message=f"{name} has no argument(s): {', '.join(unknown)}")
-        elif ctx.method == "prompts/get":
-            # This server has no prompts; the SDK would answer an internal error (or code 0).
-            raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {params.get('name')}")
-        return await call_next(ctx)
-
-    mcp.middleware.append(middleware)
 
 
 def _publish_schemas(mcp: MCPServer) -> None:

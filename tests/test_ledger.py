@@ -365,3 +365,16 @@ async def test_a_lease_held_by_a_dead_process_is_taken_over_but_a_live_one_is_no
         assert await ledger.claim_downloads("t-dead", new_owner_id())  # the holder is gone
         assert await ledger.claim_downloads("t-live", f"{socket.gethostname()}:{os.getpid()}:00000000")
         assert not await ledger.claim_downloads("t-live", new_owner_id())  # the holder is alive
+
+
+@pytest.mark.anyio
+async def test_a_partly_saved_batch_can_still_be_claimed(tmp_path: Path) -> None:
+    async with TaskLedger(tmp_path / "ledger.sqlite3") as ledger:
+        urls = [f"https://cdn/{n}.png" for n in range(4)]
+        await ledger.record(TaskRecord(task_id="b", status="completed", image_urls=urls))
+        assert await ledger.claim_downloads("b", "me")
+        # Interrupted after the first image: only its row was stored (and the lease released).
+        await ledger.save_images("b", [SavedImageRow(n=0, url=urls[0], path="/x/b_0.png")])
+        assert await ledger.claim_downloads("b", "someone-else")
+        await ledger.save_images("b", [SavedImageRow(n=n, url=u, path=f"/x/b_{n}.png") for n, u in enumerate(urls)])
+        assert not await ledger.claim_downloads("b", "a-third")

@@ -100,3 +100,64 @@ async def test_a_version_1_ledger_is_migrated_in_place(tmp_path):
     assert entry is not None and entry.status == "completed" and entry.submit_owner is None
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_a_create_that_outlives_its_shielded_deadline_is_uncertain(service, sim, monkeypatch):
+    monkeypatch.setattr(TaskService, "_create_deadline_seconds", property(lambda self: 0.3))
+    sim.state.add_fault("create_late", delay=2.0)
+    request = build_request(TaskType.TXT2IMG, {"prompt": "slow upload"})
+    with pytest.raises(errors.SubmitUncertainError, match="took longer"):
+        await service.submit("flux_txt2img", request)
+    (entry,) = await service.ledger.list(status="uncertain")
+    assert entry.submit_state == "uncertain"
+
+
+async def test_a_ledger_failure_after_the_create_keeps_the_task_id(service, sim, monkeypatch):
+    async def broken_attach(local_id, record):
+        raise errors.StorageError("database is locked")
+
+    monkeypatch.setattr(service.ledger, "attach", broken_attach)
+    with pytest.raises(errors.StorageError) as info:
+        await service.submit("flux_txt2img", build_request(TaskType.TXT2IMG, {"prompt": "unrecorded"}))
+    (task_id,) = sim.state.tasks
+    assert info.value.task_id == task_id and task_id in info.value.message
+
+
+async def test_a_cancel_that_arrives_while_reserving_sends_nothing(service, sim, monkeypatch):
+    import anyio
+
+    real_reserve = service.ledger.reserve
+
+    async def slow_reserve(**kwargs):
+        with anyio.CancelScope(shield=True):  # like the worker thread: cannot be interrupted
+            await anyio.sleep(0.3)
+        return await real_reserve(**kwargs)
+
+    monkeypatch.setattr(service.ledger, "reserve", slow_reserve)
+    with anyio.move_on_after(0.1):
+        await service.submit("flux_txt2img", build_request(TaskType.TXT2IMG, {"prompt": "never mind"}))
+    assert posts(sim) == 0
+    assert await service.ledger.list() == []  # the reservation was released
+
+
+async def test_a_reservation_far_older_than_any_create_is_settled_whoever_owns_it(service, sim, settings):
+    import time
+
+    request = build_request(TaskType.TXT2IMG, {"prompt": "owned elsewhere"})
+    payload = request.to_payload()
+    async with TaskLedger(settings.ledger_path, clock=lambda: time.time() - 3600) as old:
+        await old.reserve(
+            idempotency_key=f"fp:flux_txt2img:{fingerprint(payload)}",
+            window_seconds=None,
+            tool="flux_txt2img",
+            task_type="txt2img",
+            model=request.model.value,
+            request={},
+            payload=payload,
+            estimated_cost_usd=0.0015,
+            owner="another-host:1:00000000",  # cannot be probed from here
+        )
+    service.settings = settings.model_copy(update={"idempotency_window_seconds": 7200})
+    with pytest.raises(errors.SubmitUncertainError, match="unknown outcome"):
+        await service.submit("flux_txt2img", request)
+    assert posts(sim) == 0

@@ -365,7 +365,16 @@ async def test_a_task_piapi_forgot_is_answered_from_the_ledger(client, sim):
         assert again.is_error is False
         assert again.structured_content["status"] == "completed"
         assert again.structured_content["images"] == result.structured_content["images"]
-        assert "no longer knows" in again.structured_content["next_step"]
+    get = await client.call_tool("flux_get_task", {"task_id": task_id})
+    assert "no longer knows" in get.structured_content["next_step"]
+    assert sim.state.log == [e for e in sim.state.log if e["method"] == "GET"]  # nothing was re-sent
+
+
+async def test_waiting_on_a_finished_task_needs_no_request(client, sim):
+    result = await client.call_tool("flux_txt2img", {"prompt": "done already"})
+    sim.state.log.clear()
+    again = await client.call_tool("flux_wait_task", {"task_id": result.structured_content["task_id"]})
+    assert again.structured_content["status"] == "completed" and sim.state.log == []
 
 
 async def test_an_unknown_task_is_a_not_found_error(client):
