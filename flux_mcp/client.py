@@ -262,10 +262,12 @@ class PiAPIClient:
             )
         if is_create:
             # A 5xx (or an unreadable answer) says nothing about whether the task was created:
-            # gateways commonly time out after the origin accepted it.
+            # gateways commonly time out after the origin accepted it. An id in the answer is kept.
+            data = body.get("data") if isinstance(body, dict) else None
+            seen_id = data.get("task_id") if isinstance(data, dict) else None
             raise errors.SubmitUncertainError(
                 f"PiAPI answered the create request with HTTP {effective} ({detail}); the task may exist",
-                task_id=task_id,
+                task_id=str(seen_id) if seen_id else task_id,
                 status_code=status,
                 code=envelope_code or status,
             )

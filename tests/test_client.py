@@ -207,3 +207,10 @@ async def test_download_failures_of_any_kind_become_typed_errors():
     with pytest.raises(errors.NetworkError, match="TooManyRedirects"):
         async with client.stream_download("https://img.example.test/a.png"):
             pass
+
+
+async def test_an_uncertain_create_keeps_any_task_id_the_answer_carried():
+    script = Script(httpx.Response(200, json={"code": 500, "data": {"task_id": "t-9"}, "message": "odd"}))
+    with pytest.raises(errors.SubmitUncertainError) as info:
+        await make_client(script).create_task(PAYLOAD)
+    assert info.value.task_id == "t-9"
