@@ -36,13 +36,14 @@ import anyio
 import httpx
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.shared.exceptions import MCPError
-from mcp.types import INVALID_PARAMS, CallToolResult, ToolAnnotations
-from pydantic import BaseModel, Field
+from mcp.types import INVALID_PARAMS, CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
 
+from flux_mcp.catalog import describe_validation_error
 from flux_mcp.client import PiAPIClient
-from flux_mcp.errors import FluxError
+from flux_mcp.errors import FluxError, InvalidInputError
 from flux_mcp.files import ImageStore, InputResolver
 from flux_mcp.ledger import TaskLedger
 from flux_mcp.lifecycle import TaskOutcome, TaskService, summarise_payload
@@ -277,7 +278,8 @@ class FluxServer(MCPServer):
     - A task tool receives the client's arguments untouched, as one `raw_arguments` value: the
       SDK would otherwise drop unknown names silently and JSON-decode text that looks like JSON
       (a prompt of `null`) before the tool's own model could report either.
-    - The other tools keep the SDK's validation; an argument they do not have is -32602 too.
+    - The other tools keep the SDK's validation, reported as the same `invalid_input` error; an
+      argument they do not have is -32602.
     - `prompts/get` is -32602 for an unknown prompt (this server has none); the SDK would answer
       an internal error.
     """
@@ -287,10 +289,20 @@ class FluxServer(MCPServer):
         if tool is None:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
         if name in _TASK_TOOL_NAMES:
-            arguments = {"raw_arguments": arguments}
-        elif unknown := sorted(set(arguments) - set(tool.parameters.get("properties", {}))):
+            return await super().call_tool(name, {"raw_arguments": arguments}, context)
+        if unknown := sorted(set(arguments) - set(tool.parameters.get("properties", {}))):
             raise MCPError(code=INVALID_PARAMS, message=f"{name} has no argument(s): {', '.join(unknown)}")
-        return await super().call_tool(name, arguments, context)
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if not isinstance(exc.__cause__, ValidationError):
+                raise
+            # The same structured invalid_input error as the task tools give, where the tool's
+            # schema has room for it (flux_list_tasks publishes a list, so it gets the text alone).
+            error = InvalidInputError(describe_validation_error(exc.__cause__))
+            if name == "flux_list_tasks":
+                return CallToolResult(content=[TextContent(type="text", text=error.message)], is_error=True)
+            return await _failure(error, cancel=name == "flux_cancel_task")
 
     async def get_prompt(
         self, name: str, arguments: dict[str, Any] | None = None, context: Context[Any, Any] | None = None

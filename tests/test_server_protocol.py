@@ -536,3 +536,27 @@ async def test_an_unknown_prompt_is_invalid_params_not_an_internal_error(client)
     with pytest.raises(MCPError) as info:
         await client.get_prompt("nope")
     assert info.value.error.code == -32602 and "Unknown prompt: nope" in info.value.error.message
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "expected"),
+    [
+        ("flux_wait_task", {"task_id": "t", "wait_seconds": -1}, "wait_seconds: Input should be greater"),
+        ("flux_cancel_task", {}, "task_id: Field required"),
+        ("flux_get_task", {"task_id": 7}, "task_id: Input should be a valid string"),
+    ],
+)
+async def test_management_tools_report_bad_arguments_the_same_way(client, tool, args, expected):
+    import jsonschema
+
+    schemas = {t.name: t.output_schema for t in (await client.list_tools()).tools}
+    result = await client.call_tool(tool, args)
+    assert result.is_error and result.structured_content["error"]["category"] == "invalid_input"
+    assert expected in result.structured_content["error"]["message"]
+    jsonschema.validate(result.structured_content, schemas[tool])
+
+
+async def test_list_tasks_reports_bad_arguments_as_text(client):
+    result = await client.call_tool("flux_list_tasks", {"limit": 0})
+    assert result.is_error and result.structured_content is None
+    assert "limit: Input should be greater than or equal to 1" in result.content[0].text
