@@ -2,6 +2,6 @@
 
 Layout, in the order a request flows: `catalog` (what PiAPI accepts) -> `parameters` (the flat
 tool arguments) -> `client` (HTTP to PiAPI) -> `polling` and `lifecycle` (submit once, wait,
-ledger, local copies) -> `results` and `server` (the MCP surface) -> `cli`. `simulator/` is a
+ledger, local copies) -> `results`, `tools` and `server` (the MCP surface) -> `cli`. `simulator/` is a
 second implementation of PiAPI's HTTP contract, used by the demo and the tests.
 """
