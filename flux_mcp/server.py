@@ -134,7 +134,7 @@ class FluxServer(MCPServer):
             error = InvalidInputError(describe_validation_error(exc.__cause__))
             if name == "flux_list_tasks":
                 return CallToolResult(content=[TextContent(type="text", text=error.message)], is_error=True)
-            return await failure_result(error, cancel=name == "flux_cancel_task")
+            return failure_result(error, cancel=name == "flux_cancel_task")
 
     async def get_prompt(
         self, name: str, arguments: dict[str, Any] | None = None, context: Context[Any, Any] | None = None

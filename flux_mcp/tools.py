@@ -110,9 +110,7 @@ def _settings_include(settings: Settings, include_image: str | None) -> str:
     return include_image or settings.include_image
 
 
-async def failure_result(
-    exc: FluxError, *, task_type: str = "", model: str = "", cancel: bool = False
-) -> CallToolResult:
+def failure_result(exc: FluxError, *, task_type: str = "", model: str = "", cancel: bool = False) -> CallToolResult:
     result = error_result(exc, task_type=task_type, model=model)
     if cancel:  # flux_cancel_task publishes CancelResult: its errors must match that schema too
         result = CancelResult(**dict(result), cancel_accepted=False)
@@ -150,7 +148,7 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
     try:
         request = await service.prepare(tool.task_type, args)
     except FluxError as exc:
-        return await failure_result(exc, task_type=tool.task_type.value, model=model)
+        return failure_result(exc, task_type=tool.task_type.value, model=model)
     if dry_run:
         result = TaskResult(
             task_id=None,
@@ -166,7 +164,7 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
     try:
         submission = await service.submit(tool.name, request, arguments=args, idempotency_key=idempotency_key)
     except FluxError as exc:
-        return await failure_result(exc, task_type=request.task_type.value, model=request.model.value)
+        return failure_result(exc, task_type=request.task_type.value, model=request.model.value)
     record = submission.record
     progress = _Progress(ctx)
     try:
@@ -179,7 +177,7 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
         raise
     except FluxError as exc:
         exc.task_id = exc.task_id or record.task_id
-        return await failure_result(exc, task_type=request.task_type.value, model=request.model.value)
+        return failure_result(exc, task_type=request.task_type.value, model=request.model.value)
     outcome.reattached = submission.reattached
     return await _present(service, outcome, include, estimated_cost_usd=request.estimated_cost_usd)
 
@@ -193,7 +191,7 @@ def _task_tool_function(tool: TaskTool) -> Callable[..., Awaitable[CallToolResul
         except FluxError as exc:
             given = raw_arguments.get("model") if isinstance(raw_arguments, dict) else None
             model = tool.fixed_model or (given if isinstance(given, str) else None) or PARAMETERS["model"].default
-            return await failure_result(exc, task_type=tool.task_type.value, model=str(model))
+            return failure_result(exc, task_type=tool.task_type.value, model=str(model))
         return await _run_task_tool(tool, ctx, args)
 
     run.__name__ = run.__qualname__ = tool.name
@@ -222,7 +220,7 @@ def _register_task_management(mcp: MCPServer) -> None:
             outcome = await state.service.get(task_id)
         except FluxError as exc:
             exc.task_id = exc.task_id or task_id
-            return await failure_result(exc)
+            return failure_result(exc)
         return await _present(state.service, outcome, state.settings.include_image)
 
     @mcp.tool(title="Wait for a Flux task", annotations=READ_ONLY)
@@ -239,7 +237,7 @@ def _register_task_management(mcp: MCPServer) -> None:
             outcome = await state.service.wait(task_id, timeout=timeout, on_update=progress.send)
         except FluxError as exc:
             exc.task_id = exc.task_id or task_id
-            return await failure_result(exc)
+            return failure_result(exc)
         return await _present(state.service, outcome, state.settings.include_image)
 
     @mcp.tool(title="Cancel a Flux task", annotations=CANCEL)
@@ -250,7 +248,7 @@ def _register_task_management(mcp: MCPServer) -> None:
             cancel, outcome = await state.service.cancel(task_id)
         except FluxError as exc:
             exc.task_id = exc.task_id or task_id
-            return await failure_result(exc, cancel=True)
+            return failure_result(exc, cancel=True)
         outcome.notes.insert(0, cancel.message + ".")
         return await _present(state.service, outcome, "none", cancel_accepted=cancel.accepted)
 
