@@ -41,6 +41,7 @@ from flux_mcp.record import is_valid_task_id
 log = logging.getLogger(__name__)
 
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+_MIME_BY_SUFFIX = {f".{ext}": mime for mime, ext in _EXTENSIONS.items()} | {".jpeg": "image/jpeg"}
 # Types a file host may send for anything; accepted only when the magic bytes say image.
 _GENERIC_TYPES = frozenset({"", "image/jpg", "application/octet-stream", "binary/octet-stream", "application/binary"})
 _SNIFF_BYTES = 12
@@ -178,6 +179,11 @@ def _check_headers(url: str, response: Any, max_bytes: int) -> None:
     length = response.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_bytes:
         raise _too_big(url, max_bytes, f"Content-Length {length}")
+
+
+def mime_of(path: str | None) -> str:
+    """The MIME type of a saved image, by its suffix (what `ImageStore.save` names it); PNG if unknown."""
+    return _MIME_BY_SUFFIX.get(Path(path or "").suffix.lower(), "image/png")
 
 
 def _too_big(url: str, max_bytes: int, size: str) -> errors.StorageError:

@@ -13,13 +13,13 @@ import base64
 import json
 import logging
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from mcp.types import CallToolResult, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel
 
 from flux_mcp.errors import FluxError, TaskFailedError
+from flux_mcp.files import mime_of
 from flux_mcp.lifecycle import TaskOutcome
 from flux_mcp.record import Status, TaskRecord
 
@@ -167,16 +167,11 @@ def to_call_result(
                     type="resource_link",
                     name=f"{result.task_id}_{n}",
                     uri=f"flux://tasks/{result.task_id}/images/{n}",
-                    mime_type=_mime_of(image.path),
+                    mime_type=mime_of(image.path),
                     description="Local copy" if image.path else "Not saved locally; PiAPI URL: " + image.url,
                 )
             )
     return CallToolResult(content=content, structured_content=result.wire(), is_error=is_error)
-
-
-def _mime_of(path: str | None) -> str:
-    suffix = Path(path or "x.png").suffix.lower()
-    return {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(suffix, "image/png")
 
 
 def error_result(exc: FluxError, *, task_type: str = "", model: str = "") -> TaskResult:
