@@ -1,6 +1,6 @@
 """How quickly does a poll schedule notice a finished task, and how many GETs does it spend?
 
-Runs flux-mcp's real `wait_for_task` on a fake clock (so the numbers are exact and the run takes
+Runs piapi-flux-mcp's real `wait_for_task` on a fake clock (so the numbers are exact and the run takes
 a second) against tasks whose durations are drawn from ranges typical for each Flux model, once
 with our default `BackoffPolicy` and once with the schedules other clients use:
 
@@ -52,7 +52,7 @@ class Exponential:
 
 
 SCHEDULES: dict[str, dict[str, PollPolicy]] = {
-    "flux-mcp backoff (ours)": {m: BackoffPolicy() for m in DURATIONS},
+    "piapi-flux-mcp backoff (ours)": {m: BackoffPolicy() for m in DURATIONS},
     "fixed timeout/30 (PiAPI MCP)": {"schnell": Fixed(2.0), "dev": Fixed(4.0), "dev-advanced": Fixed(6.0)},
     "fixed 3 s (n8n)": {m: Fixed(3.0) for m in DURATIONS},
     "1 s x1.5 cap 30 s (PiAPI CLI)": {m: Exponential(1.0, 1.5, 30.0) for m in DURATIONS},
@@ -94,7 +94,7 @@ async def main(tasks: int, seed: int) -> None:
             polls.append(count)
         p95 = statistics.quantiles(lags, n=20)[-1]
         results[name] = (statistics.fmean(lags), p95, statistics.fmean(polls))
-    ours = results["flux-mcp backoff (ours)"]
+    ours = results["piapi-flux-mcp backoff (ours)"]
     print(f"{len(workload)} simulated tasks ({', '.join(f'{m} {a:g}-{b:g} s' for m, (a, b) in DURATIONS.items())})\n")
     print(f"{'schedule':<32}{'mean lag':>10}{'p95 lag':>10}{'GETs':>8}{'lag / ours':>12}{'GETs / ours':>13}")
     for name, (lag, p95, gets) in results.items():

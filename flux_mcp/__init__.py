@@ -1,4 +1,4 @@
-"""flux-mcp: an MCP server for Flux image generation through PiAPI's task API.
+"""piapi-flux-mcp: an MCP server for Flux image generation through PiAPI's task API.
 
 Layout, in the order a request flows: `catalog` (what PiAPI accepts) -> `parameters` (the flat
 tool arguments) -> `client` (HTTP to PiAPI) -> `polling` and `lifecycle` (submit once, wait,

@@ -1,4 +1,4 @@
-"""Command line: `flux-mcp` (stdio server), `serve`, `demo`, `simulator`.
+"""Command line: `piapi-flux-mcp` (stdio server), `serve`, `demo`, `simulator`.
 
 Configuration errors are reported as one line on stderr with exit code 2, before any transport
 opens. Logs always go to stderr: on stdio, stdout belongs to the protocol.
@@ -63,7 +63,7 @@ def _simulator(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flux-mcp", description="MCP server for Flux on PiAPI.")
+    parser = argparse.ArgumentParser(prog="piapi-flux-mcp", description="MCP server for Flux on PiAPI.")
     parser.add_argument("--simulate", action="store_true", help="use the built-in PiAPI simulator (no key)")
     parser.set_defaults(func=_serve, transport="stdio", host="127.0.0.1", port=8000)
     sub = parser.add_subparsers(dest="command")
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args.func(args)
     except ConfigurationError as exc:
-        print(f"flux-mcp: {exc}", file=sys.stderr)
+        print(f"piapi-flux-mcp: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

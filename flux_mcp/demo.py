@@ -1,6 +1,6 @@
-"""`flux-mcp demo`: the whole product end to end, with no key and no network.
+"""`piapi-flux-mcp demo`: the whole product end to end, with no key and no network.
 
-Starts the PiAPI simulator on loopback, launches `flux-mcp` as a stdio subprocess pointed at it
+Starts the PiAPI simulator on loopback, launches `piapi-flux-mcp` as a stdio subprocess pointed at it
 (exactly as Claude Desktop or Cursor would), connects the official MCP client, and runs every
 task tool once: text-to-image, image-to-image from a local file, LoRA, inpaint, outpaint,
 variation and ControlNet. It then shows a re-submission being re-attached instead of paid twice,
@@ -71,7 +71,7 @@ def _line(result: Any) -> str:
 async def run_demo(output_dir: str = "demo-output") -> int:
     out = Path(await anyio.Path(output_dir).absolute())
     inputs = await anyio.to_thread.run_sync(_write_inputs, out / "inputs")
-    print(f"flux-mcp demo - everything goes to {out}\n")
+    print(f"piapi-flux-mcp demo - everything goes to {out}\n")
     failures = 0
     durations = {"Qubico/flux1-schnell": 0.6, "Qubico/flux1-dev": 1.0, "Qubico/flux1-dev-advanced": 1.5}
     async with running_simulator(durations=durations) as sim:

@@ -232,7 +232,7 @@ class TaskLedger:
                 if version > SCHEMA_VERSION:
                     raise errors.StorageError(
                         f"task ledger {self.path} has schema version {version}, newer than this "
-                        f"server understands ({SCHEMA_VERSION}); upgrade flux-mcp"
+                        f"server understands ({SCHEMA_VERSION}); upgrade piapi-flux-mcp"
                     )
                 for target in range(version + 1, SCHEMA_VERSION + 1):
                     for statement in _MIGRATIONS[target].split(";"):

@@ -204,7 +204,7 @@ class TaskService:
             entry = await self.ledger.wait_for_submission(entry.local_id, OTHER_PROCESS_SUBMIT_WAIT_SECONDS)
             if entry.submit_state == "submitting":
                 raise errors.SubmitUncertainError(
-                    "an identical request is being submitted by another flux-mcp process right now",
+                    "an identical request is being submitted by another piapi-flux-mcp process right now",
                     retryable=True,
                     hint="Call again in a few seconds: the repeat re-attaches to that task instead of paying twice.",
                 )
@@ -282,7 +282,7 @@ class TaskService:
             if _all_saved(saved, record.image_urls):
                 return saved
             if self._clock() >= deadline:
-                notes.append("another flux-mcp process is saving these images; ask again shortly for the paths")
+                notes.append("another piapi-flux-mcp process is saving these images; ask again shortly for the paths")
                 return saved
             await self._sleep(0.2)
         rows = {row.n: row for row in await self.ledger.images(record.task_id) if row.path}

@@ -41,7 +41,7 @@ from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, register_t
 log = logging.getLogger(__name__)
 
 try:
-    SERVER_VERSION = version("flux-mcp")
+    SERVER_VERSION = version("piapi-flux-mcp")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     SERVER_VERSION = "0.0.0"
 
@@ -151,7 +151,7 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
         settings.require_api_key()
     options = options or ServerOptions()
     mcp = FluxServer(
-        "flux-mcp",
+        "piapi-flux-mcp",
         title="Flux image generation (PiAPI)",
         version=SERVER_VERSION,
         instructions=INSTRUCTIONS,

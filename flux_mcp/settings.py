@@ -15,7 +15,7 @@ import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-APP_NAME = "flux-mcp"
+APP_NAME = "piapi-flux-mcp"
 DEFAULT_BASE_URL = "https://api.piapi.ai"
 
 IncludeImage = Literal["none", "thumbnail"]

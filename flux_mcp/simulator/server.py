@@ -5,7 +5,7 @@ uvicorn starts), runs uvicorn's `serve()` as an asyncio task next to the caller,
 every deliberate delay and shuts uvicorn down gracefully inside a shielded scope, so a cancelled
 or failing test never leaves a server behind. uvicorn is asyncio-only, so this works under anyio's
 asyncio backend (not trio). The in-process server does not install signal handlers and does not
-touch the logging configuration; `serve()` is the standalone variant for `flux-mcp simulator`,
+touch the logging configuration; `serve()` is the standalone variant for `piapi-flux-mcp simulator`,
 logging to stderr only.
 """
 
@@ -116,7 +116,7 @@ def serve(
     api_key: str = DEFAULT_API_KEY,
     durations: Mapping[str, float] | None = None,
 ) -> None:
-    """Run the simulator in the foreground until interrupted (the `flux-mcp simulator` command)."""
+    """Run the simulator in the foreground until interrupted (the `piapi-flux-mcp simulator` command)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     state = SimulatorState()
