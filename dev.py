@@ -6,8 +6,10 @@ it, then runs the demo or the tests inside it. Only Python 3.11+ is needed; `.ci
 commands, so what CI checks is what the README tells a new user to type.
 
     python3 dev.py demo          # the whole product against the built-in simulator
-    python3 dev.py test [ARGS]   # the test suite (extra arguments go to pytest)
+    python3 dev.py test [ARGS]   # the core test suite (extra arguments go to pytest)
     python3 dev.py lint          # ruff check and ruff format --check
+    python3 dev.py examples      # every program in examples/, each in its own venv (slower)
+    python3 dev.py wheel         # build wheel + sdist; run the wheel with uvx under the MCP Inspector CLI
 
 `VENV=/some/dir` puts the environment elsewhere (CI uses a throwaway one).
 """
@@ -26,25 +28,28 @@ VENV = Path(os.environ.get("VENV") or ROOT / ".venv")
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".piapi-flux-mcp-installed"
+# The slower groups, kept out of `test` by pyproject's addopts and run by `.ci/run` after it; they
+# also need the `ci` extra (uv, which builds the wheel and the examples' own venvs).
+GROUPS = {"examples": "examples", "wheel": "wheel"}
 
 
-def _install_fingerprint() -> str:
-    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+def _install_fingerprint(extras: str) -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
 
 
-def ensure_venv() -> None:
+def ensure_venv(extras: str = "test") -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 - dev.py is the one file run by any python3
         raise SystemExit(f"piapi-flux-mcp needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     if not PYTHON.exists():
         print(f"dev.py: creating {VENV}", file=sys.stderr)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    if STAMP.exists() and STAMP.read_text() == _install_fingerprint():
+    if STAMP.exists() and STAMP.read_text() in {_install_fingerprint(extras), _install_fingerprint("test,ci")}:
         return
     print("dev.py: installing the project and its test tools (once)", file=sys.stderr)
     pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[test]"], check=True)
-    STAMP.write_text(_install_fingerprint())
+    subprocess.run([*pip, "-e", f"{ROOT}[{extras}]"], check=True)
+    STAMP.write_text(_install_fingerprint(extras))
 
 
 def run(argv: list[str]) -> int:
@@ -54,14 +59,16 @@ def run(argv: list[str]) -> int:
 
 def main(args: list[str]) -> int:
     command, rest = (args[0], args[1:]) if args else ("", [])
-    if command not in {"demo", "test", "lint"}:
+    if command not in {"demo", "test", "lint", *GROUPS}:
         print(__doc__.strip().split("\n\n")[2], file=sys.stderr)
         return 2
-    ensure_venv()
+    ensure_venv("test,ci" if command in GROUPS else "test")
     if command == "demo":
         return run([str(PYTHON), "-m", "flux_mcp", "demo", *rest])
     if command == "test":
         return run([str(PYTHON), "-m", "pytest", "-q", *rest])
+    if command in GROUPS:
+        return run([str(PYTHON), "-m", "pytest", "-q", "-m", GROUPS[command], *rest])
     ruff = [str(PYTHON), "-m", "ruff"]
     return run([*ruff, "check", "."]) or run([*ruff, "format", "--check", "."])
 

@@ -5,3 +5,10 @@ tool arguments) -> `client` (HTTP to PiAPI) -> `polling` and `lifecycle` (submit
 ledger, local copies) -> `results`, `tools` and `server` (the MCP surface) -> `cli`. `simulator/` is a
 second implementation of PiAPI's HTTP contract, used by the demo and the tests.
 """
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("piapi-flux-mcp")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0.0.0"

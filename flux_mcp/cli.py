@@ -62,8 +62,25 @@ def _simulator(args: argparse.Namespace) -> None:
     serve(host=args.host, port=args.port, api_key=args.api_key)
 
 
+DESCRIPTION = (
+    "MCP server for Flux image generation through PiAPI's task API. Run with no command, it serves MCP "
+    "over stdio (what MCP hosts start); `serve --transport http` serves streamable HTTP instead."
+)
+
+
+def _add_front_door(parser: argparse.ArgumentParser) -> None:
+    """`--version`, and every environment variable with its default in `--help` (from `Settings`)."""
+    from flux_mcp import __version__
+    from flux_mcp.settings_help import environment_help
+
+    parser.add_argument("--version", action="version", version=f"piapi-flux-mcp {__version__}")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = environment_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="piapi-flux-mcp", description="MCP server for Flux on PiAPI.")
+    parser = argparse.ArgumentParser(prog="piapi-flux-mcp", description=DESCRIPTION)
+    _add_front_door(parser)
     parser.add_argument("--simulate", action="store_true", help="use the built-in PiAPI simulator (no key)")
     parser.set_defaults(func=_serve, transport="stdio", host="127.0.0.1", port=8000)
     sub = parser.add_subparsers(dest="command")

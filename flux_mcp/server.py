@@ -15,7 +15,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import httpx
@@ -26,6 +25,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import INVALID_PARAMS, CallToolResult, TextContent
 from pydantic import ValidationError
 
+from flux_mcp import __version__
 from flux_mcp.catalog import describe_validation_error
 from flux_mcp.client import PiAPIClient
 from flux_mcp.errors import InvalidInputError
@@ -40,10 +40,7 @@ from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, register_t
 
 log = logging.getLogger(__name__)
 
-try:
-    SERVER_VERSION = version("piapi-flux-mcp")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    SERVER_VERSION = "0.0.0"
+SERVER_VERSION = __version__
 
 INSTRUCTIONS = (
     "Flux image generation through PiAPI. Each flux_* task tool submits one paid task and waits up to "

@@ -34,22 +34,39 @@ class ConfigurationError(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLUX_MCP_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FLUX_MCP_", extra="ignore", populate_by_name=True, use_attribute_docstrings=True
+    )
 
     api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("PIAPI_API_KEY", "api_key"))
+    """Your PiAPI key; required unless simulating. Never printed, logged or returned."""
     base_url: str = Field(default=DEFAULT_BASE_URL, validation_alias=AliasChoices("PIAPI_BASE_URL", "base_url"))
+    """PiAPI endpoint."""
     simulate: bool = False
+    """Run against the built-in PiAPI simulator (same as --simulate): no key, no cost."""
     wait_seconds: float = Field(default=45.0, ge=0, le=600)
+    """Default wait_seconds for task tools and flux_wait_task."""
     save_images: bool = True
+    """false = keep PiAPI's URLs only, save nothing."""
     output_dir: Path = Field(default_factory=default_output_dir)
+    """Where images and their JSON sidecars are saved."""
     data_dir: Path = Field(default_factory=default_data_dir)
+    """Where the task ledger (tasks.sqlite3) lives."""
     include_image: IncludeImage = "thumbnail"
+    """Default inline preview in results: thumbnail or none."""
     image_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Folders local input images may be read from (os.pathsep-separated); unset = the working
+    directory (unless it is / or home) and the output directory."""
     idempotency_window_seconds: float = Field(default=600.0, ge=0)
+    """How long an identical request re-attaches to its task; 0 = off."""
     max_download_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    """Size cap per downloaded image."""
     max_input_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    """Size cap per local input image."""
     request_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Per-request HTTP timeout to PiAPI."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Log level; logs go to stderr only."""
 
     @field_validator("image_roots", mode="before")
     @classmethod
