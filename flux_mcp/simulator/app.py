@@ -8,6 +8,7 @@ simulator rejects exactly what the real client validates. Images are rendered la
 time a completed task is observed (or its file is fetched), in a worker thread. `/files/...` needs
 no key, like PiAPI's CDN, and `/_simulator/...` exposes the fault and config controls over HTTP.
 All deliberate delays go through `_Sleeper`, so shutting the server down never waits for them.
+Webhooks (`simulator/webhooks.py`) are delivered by a loop that the app's lifespan runs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -31,6 +33,7 @@ from starlette.routing import Route
 from flux_mcp.catalog import TaskRequest, describe_validation_error
 from flux_mcp.simulator.render import render_task_images
 from flux_mcp.simulator.state import SimTask, SimulatorState
+from flux_mcp.simulator.webhooks import WebhookDispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,11 @@ def _error(status: int, message: str, task_id: str | None = None) -> _Reply:
 def _sim(request: Request) -> SimulatorState:
     state: SimulatorState = request.app.state.simulator
     return state
+
+
+def _webhooks(request: Request) -> WebhookDispatcher:
+    dispatcher: WebhookDispatcher = request.app.state.webhooks
+    return dispatcher
 
 
 def _base_url(request: Request) -> str:
@@ -184,7 +192,8 @@ async def _create_task(request: Request, state: SimulatorState) -> _Reply:
     except ValidationError as exc:
         return _error(400, describe_validation_error(exc))
     raw_input = dict(body.get("input") or {})
-    task = state.create_task(task_request, raw_input)
+    task = state.create_task(task_request, raw_input, _base_url(request))
+    _webhooks(request).task_created(task)
     late = state.take_fault(("create_late",), "POST")
     data = state.task_object(task, _base_url(request))
     logger.debug("simulator: created task %s (%s %s)", task.task_id, task.model, task_request.task_type)
@@ -209,6 +218,7 @@ async def _cancel_task(request: Request, state: SimulatorState) -> _Reply:
     phase = state.cancel(task)
     if phase != "pending":
         return _error(400, f"task is already {phase} and cannot be cancelled", task_id)
+    _webhooks(request).task_cancelled(task)
     return _Reply(200, envelope(200, state.task_object(task, _base_url(request)), "success"), task_id=task_id)
 
 
@@ -277,6 +287,10 @@ async def _log(request: Request) -> Response:
     return JSONResponse(list(_sim(request).log))
 
 
+async def _webhook_log(request: Request) -> Response:
+    return JSONResponse(list(_sim(request).webhook_log))
+
+
 async def _tasks(request: Request) -> Response:
     state = _sim(request)
     base = _base_url(request)
@@ -299,11 +313,26 @@ def create_app(state: SimulatorState | None = None, api_key: str = DEFAULT_API_K
         Route("/_simulator/faults", _faults, methods=["GET", "POST", "DELETE"]),
         Route("/_simulator/expire", _expire, methods=["POST"]),
         Route("/_simulator/log", _log, methods=["GET"]),
+        Route("/_simulator/webhooks", _webhook_log, methods=["GET"]),
         Route("/_simulator/tasks", _tasks, methods=["GET"]),
         Route("/_simulator/reset", _reset, methods=["POST"]),
     ]
-    app = Starlette(routes=routes)
-    app.state.simulator = state if state is not None else SimulatorState()
+    state = state if state is not None else SimulatorState()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app.state.webhooks.run)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await app.state.webhooks.aclose()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.simulator = state
     app.state.api_key = api_key
     app.state.sleeper = _Sleeper()
+    app.state.webhooks = WebhookDispatcher(state, lambda task: ensure_rendered(state, task))
     return app

@@ -1,9 +1,10 @@
 """Running the simulator over real HTTP: in-process for tests, or blocking for the CLI.
 
-`running_simulator()` binds a loopback socket on a free port itself (so the URL is known before
-uvicorn starts), runs uvicorn's `serve()` as an asyncio task next to the caller, and on exit wakes
-every deliberate delay and shuts uvicorn down gracefully inside a shielded scope, so a cancelled
-or failing test never leaves a server behind. uvicorn is asyncio-only, so this works under anyio's
+`running_simulator()` (through `running_app()`, which serves any ASGI app the same way) binds a
+loopback socket on a free port itself (so the URL is known before uvicorn starts), runs uvicorn's
+`serve()` as an asyncio task next to the caller, and on exit wakes every deliberate delay and
+shuts uvicorn down gracefully inside a shielded scope, so a cancelled or failing test never
+leaves a server behind. uvicorn is asyncio-only, so this works under anyio's
 asyncio backend (not trio). The in-process server does not install signal handlers and does not
 touch the logging configuration; `serve()` is the standalone variant for `piapi-flux-mcp simulator`,
 logging to stderr only.
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import uvicorn
@@ -63,6 +65,43 @@ class _InProcessServer(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
+async def running_app(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve any ASGI app (lifespan on) on `host` (port 0 = any free port); yields its base URL."""
+    # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP,
+    # and without it every keep-alive response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, lifespan="on")
+    server = _InProcessServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    sleeper = getattr(getattr(app, "state", None), "sleeper", None)
+    try:
+        with anyio.fail_after(STARTUP_TIMEOUT):
+            while not server.started:
+                if task.done():
+                    task.result()  # re-raises the startup failure
+                    raise RuntimeError("server exited during startup")
+                await anyio.sleep(0.005)
+        yield f"http://{host}:{bound_port}"
+    finally:
+        with anyio.CancelScope(shield=True):
+            if sleeper is not None:
+                sleeper.wake_all()
+            server.should_exit = True
+            if not task.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), SHUTDOWN_TIMEOUT)
+                except TimeoutError:
+                    server.force_exit = True
+                    logger.warning("in-process server: graceful shutdown timed out, forcing exit")
+                    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                        await asyncio.wait_for(task, 1.0)
+            sock.close()
+
+
+@contextlib.asynccontextmanager
 async def running_simulator(
     state: SimulatorState | None = None,
     *,
@@ -78,36 +117,8 @@ async def running_simulator(
     if durations:
         state.configure(durations=dict(durations))
     app = create_app(state, api_key)
-    # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP,
-    # and without it every keep-alive response waits ~40 ms for a delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, lifespan="off")
-    server = _InProcessServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        with anyio.fail_after(STARTUP_TIMEOUT):
-            while not server.started:
-                if task.done():
-                    task.result()  # re-raises the startup failure
-                    raise RuntimeError("simulator server exited during startup")
-                await anyio.sleep(0.005)
-        yield RunningSimulator(f"http://{host}:{bound_port}", state, api_key, app)
-    finally:
-        with anyio.CancelScope(shield=True):
-            app.state.sleeper.wake_all()
-            server.should_exit = True
-            if not task.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(task), SHUTDOWN_TIMEOUT)
-                except TimeoutError:
-                    server.force_exit = True
-                    logger.warning("simulator: graceful shutdown timed out, forcing exit")
-                    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                        await asyncio.wait_for(task, 1.0)
-            sock.close()
+    async with running_app(app, host=host, port=port) as base_url:
+        yield RunningSimulator(base_url, state, api_key, app)
 
 
 def serve(
@@ -125,4 +136,4 @@ def serve(
     app = create_app(state, api_key)
     key_note = f"X-API-Key {api_key!r}" if api_key == DEFAULT_API_KEY else "the configured X-API-Key"
     logger.info("PiAPI simulator listening on http://%s:%d (use %s)", host, port, key_note)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, log_config=None, lifespan="off")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, log_config=None, lifespan="on")

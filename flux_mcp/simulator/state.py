@@ -1,18 +1,26 @@
 """Task store, timing and fault controls of the offline PiAPI simulator.
 
 Everything the simulator knows lives in one `SimulatorState`: the tasks, the queued faults, the
-request log and the rendered files. A task never runs anywhere: its status is *computed* from an
-injectable clock each time it is observed (pending for `pending_seconds`, then processing until
-its model's duration has elapsed since creation, then completed or failed), so a test that owns
-the clock (`ManualClock`) can move a task through its whole life instantly. Pending time and
-duration are snapshotted when the task is created, like a real queue that has already accepted
-the job. Wall-clock timestamps for `meta` are derived from the creation time plus clock offsets,
-so they stay consistent with the statuses. Faults are small records with a remaining count;
-the HTTP layer asks `take_fault` for the first one that matches the request's method.
+request log, the webhook deliveries and the rendered files. A task never runs anywhere: its
+status is *computed* from an injectable clock each time it is observed (pending while queued,
+then processing until its run has ended, then completed or failed), so a test that owns the clock
+(`ManualClock`) can move a task through its whole life instantly.
+
+A task's queue and run times are drawn when it is created, like a real queue that has already
+accepted the job: by default a fixed `pending_seconds` and a fixed per-model total `durations`;
+with a `TimingProfile` for its model, a queue time and a run time drawn from log-normal
+distributions (mean and coefficient of variation each) by a seedable random generator, so the
+same seed replays the same workload. `PIAPI_LIKE_PROFILES` are durations of the size PiAPI's
+docs and users report (~4 s schnell, ~20 s dev, ~33 s dev-advanced). Wall-clock timestamps for
+`meta` (`created_at`, `started_at`, `ended_at`) are the creation time plus clock offsets, so
+they always match the statuses. Faults are small records with a remaining count; the HTTP layer
+asks `take_fault` for the first one that matches the request's method.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -26,7 +34,7 @@ from flux_mcp.catalog import PRICE_PER_IMAGE_USD, Model, TaskRequest
 
 Phase = Literal["pending", "processing", "completed", "failed", "cancelled"]
 StatusStyle = Literal["lower", "capitalized", "legacy"]
-FaultKind = Literal["http_error", "malformed", "fail_next", "create_late", "slow"]
+FaultKind = Literal["http_error", "malformed", "fail_next", "create_late", "slow", "webhook_drop", "webhook_duplicate"]
 HttpMethod = Literal["GET", "POST", "DELETE"]
 
 UNSET_TIME = "0001-01-01T00:00:00Z"
@@ -47,15 +55,62 @@ def _model_name(key: str) -> str:
     raise ValueError(f"unknown model {key!r}; expected one of {', '.join(DEFAULT_DURATIONS)}")
 
 
+class TimingProfile(BaseModel):
+    """How long a model's tasks queue and run: log-normal, given by mean seconds and spread (CV)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    queue_seconds: float = Field(ge=0)
+    run_seconds: float = Field(ge=0)
+    queue_spread: float = Field(default=0.5, ge=0, le=3)
+    run_spread: float = Field(default=0.1, ge=0, le=3)
+
+    def draw(self, rng: random.Random) -> tuple[float, float]:
+        return _lognormal(rng, self.queue_seconds, self.queue_spread), _lognormal(
+            rng, self.run_seconds, self.run_spread
+        )
+
+
+def _lognormal(rng: random.Random, mean: float, spread: float) -> float:
+    if mean <= 0 or spread <= 0:
+        return mean
+    sigma = math.sqrt(math.log1p(spread * spread))
+    return rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)
+
+
+# PiAPI's docs show a dev-advanced task queued ~1.2 s and running ~31.5 s; schnell and dev take
+# about 4 s and 20 s in total. Run times vary little (same model, size and steps), queues more.
+PIAPI_LIKE_PROFILES: dict[str, TimingProfile] = {
+    Model.SCHNELL.value: TimingProfile(queue_seconds=0.5, run_seconds=3.5),
+    Model.DEV.value: TimingProfile(queue_seconds=1.0, run_seconds=19.0),
+    Model.DEV_ADVANCED.value: TimingProfile(queue_seconds=1.2, run_seconds=31.5),
+}
+
+
 class SimulatorConfig(BaseModel):
-    """Behaviour knobs; change them with `SimulatorState.configure` or `POST /_simulator/config`."""
+    """Behaviour knobs; change them with `SimulatorState.configure` or `POST /_simulator/config`.
+
+    `profiles` (per model) replace the fixed `pending_seconds` / `durations` with drawn times;
+    `seed` makes the draws repeatable. Webhooks: each delivery is tried `webhook_attempts` times,
+    `webhook_retry_seconds` apart, until the receiver answers 2xx; `webhook_latency` delays each.
+    """
 
     model_config = ConfigDict(validate_assignment=True, extra="forbid")
 
     durations: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_DURATIONS))
     pending_seconds: float = Field(default=0.2, ge=0)
+    profiles: dict[str, TimingProfile] = Field(default_factory=dict)
+    seed: int | None = None
     status_style: StatusStyle = "lower"
     latency: float = Field(default=0.0, ge=0)
+    webhook_attempts: int = Field(default=3, ge=1, le=10)
+    webhook_retry_seconds: float = Field(default=5.0, ge=0)
+    webhook_latency: float = Field(default=0.0, ge=0)
+
+    @field_validator("profiles")
+    @classmethod
+    def _check_profiles(cls, value: dict[str, TimingProfile]) -> dict[str, TimingProfile]:
+        return {_model_name(key): profile for key, profile in value.items()}
 
     @field_validator("durations")
     @classmethod
@@ -120,6 +175,7 @@ class SimTask:
     rendered: bool = False
     expired: bool = False
     render_lock: Any = None  # anyio.Lock, created lazily inside the event loop
+    base_url: str = ""  # where its files are served, for webhook bodies
 
     @property
     def model(self) -> str:
@@ -152,6 +208,16 @@ class LogEntry(TypedDict):
     path: str
     status: int
     task_id: str | None
+
+
+class WebhookAttempt(TypedDict):
+    """One webhook POST as `GET /_simulator/webhooks` reports it (`outcome`: HTTP status or error)."""
+
+    task_id: str
+    status: str
+    attempt: int
+    outcome: str
+    at: float
 
 
 _STATUS_WORDS: dict[StatusStyle, dict[str, str]] = {
@@ -191,6 +257,8 @@ class SimulatorState:
     faults: list[Fault] = field(default_factory=list)
     log: list[LogEntry] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
+    webhook_log: list[WebhookAttempt] = field(default_factory=list)
+    rng: random.Random = field(default_factory=random.Random)
 
     # --- configuration and faults -------------------------------------------------------------
 
@@ -198,8 +266,12 @@ class SimulatorState:
         """Update config fields (`durations` merges into the current per-model durations)."""
         if "durations" in changes:
             changes["durations"] = {**self.config.durations, **(changes["durations"] or {})}
+        if "profiles" in changes:
+            changes["profiles"] = {**self.config.profiles, **(changes["profiles"] or {})}
         merged = {**self.config.model_dump(), **changes}
         self.config = SimulatorConfig.model_validate(merged)
+        if "seed" in changes:
+            self.rng.seed(self.config.seed)
         return self.config
 
     def add_fault(self, kind: FaultKind, **options: Any) -> Fault:
@@ -234,23 +306,32 @@ class SimulatorState:
         self.faults.clear()
         self.log.clear()
         self.files.clear()
+        self.webhook_log.clear()
 
     def record(self, method: str, path: str, status: int, task_id: str | None) -> None:
         self.log.append({"method": method, "path": path, "status": status, "task_id": task_id})
 
     # --- tasks -------------------------------------------------------------------------------------
 
-    def create_task(self, request: TaskRequest, raw_input: dict[str, Any]) -> SimTask:
+    def create_task(self, request: TaskRequest, raw_input: dict[str, Any], base_url: str = "") -> SimTask:
         failure = self.take_fault(("fail_next",), "POST")
+        model = request.model.value
+        profile = self.config.profiles.get(model)
+        if profile is None:
+            queued, total = self.config.pending_seconds, self.config.durations[model]
+        else:
+            queued, run = profile.draw(self.rng)
+            total = queued + run
         task = SimTask(
             task_id=str(uuid.uuid4()),
             request=request,
             raw_input=raw_input,
             created=self.clock(),
             created_wall=datetime.now(UTC),
-            pending_seconds=self.config.pending_seconds,
-            duration=self.config.durations[request.model.value],
+            pending_seconds=queued,
+            duration=total,
             failure=None if failure is None else failure.error_object(),
+            base_url=base_url,
         )
         self.tasks[task.task_id] = task
         return task
