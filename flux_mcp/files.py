@@ -26,17 +26,21 @@ import stat
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.to_thread
-from PIL import Image, ImageOps, features
 
 from flux_mcp import errors
-from flux_mcp.client import PiAPIClient
 from flux_mcp.ledger import SavedImageRow
 from flux_mcp.record import is_valid_task_id
+
+if TYPE_CHECKING:
+    from flux_mcp.client import PiAPIClient
+
+# Pillow is imported where an image is decoded, not here: starting the server and listing its
+# tools never needs it (tests/test_cold_start.py).
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +172,8 @@ class ImageStore:
 
 
 def _webp_available() -> bool:
+    from PIL import features
+
     return bool(features.check("webp"))
 
 
@@ -214,6 +220,8 @@ def make_thumbnail(source: Path | bytes, *, max_side: int = 512, max_bytes: int 
     WebP with quality stepping down 80 -> 40, then smaller dimensions until it fits; JPEG when
     this Pillow has no WebP. Blocking: call it from a worker thread.
     """
+    from PIL import Image, ImageOps
+
     webp = _webp_available()
     fmt, mime = ("WEBP", "image/webp") if webp else ("JPEG", "image/jpeg")
     try:
@@ -245,6 +253,8 @@ def _name(source: Path | bytes) -> str:
 
 def _identify(data: bytes) -> str | None:
     """'png' | 'jpeg' | 'webp' when Pillow recognises the bytes as one of those, else None."""
+    from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             return _PILLOW_FORMATS.get(image.format or "")

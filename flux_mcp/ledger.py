@@ -180,6 +180,7 @@ class TaskLedger:
         self.path = Path(path)
         self._clock = clock
         self._opened = False
+        self._open_lock = anyio.Lock()
 
     async def __aenter__(self) -> TaskLedger:
         await self.open()
@@ -199,7 +200,9 @@ class TaskLedger:
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T], *, ensure_open: bool = True) -> _T:
         if ensure_open and not self._opened:
-            await self.open()
+            async with self._open_lock:  # many first calls at once open the file once
+                if not self._opened:
+                    await self.open()
 
         def work() -> _T:
             conn = self._connect()

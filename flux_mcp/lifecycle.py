@@ -22,20 +22,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 
 from flux_mcp import errors
 from flux_mcp.catalog import TaskRequest, TaskType
-from flux_mcp.client import CancelOutcome, PiAPIClient
 from flux_mcp.files import ImageStore, InputResolver, fetch_image, make_thumbnail
 from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id, owner_is_gone
 from flux_mcp.parameters import build_request
 from flux_mcp.polling import DEFAULT_POLICY, OnUpdate, PollPolicy, wait_for_task
 from flux_mcp.record import TaskRecord
 from flux_mcp.settings import Settings
+
+if TYPE_CHECKING:  # the HTTP client (httpx) is loaded by whoever builds the service, on first use
+    from flux_mcp.client import CancelOutcome, PiAPIClient
 
 log = logging.getLogger(__name__)
 

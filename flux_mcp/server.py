@@ -15,9 +15,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
@@ -27,16 +26,17 @@ from pydantic import ValidationError
 
 from flux_mcp import __version__
 from flux_mcp.catalog import describe_validation_error
-from flux_mcp.client import PiAPIClient
 from flux_mcp.errors import InvalidInputError
-from flux_mcp.files import ImageStore, InputResolver
-from flux_mcp.ledger import TaskLedger
-from flux_mcp.lifecycle import TaskService
 from flux_mcp.parameters import TASK_TOOLS
 from flux_mcp.polling import DEFAULT_POLICY, PollPolicy
 from flux_mcp.schemas import compact_output, strip_titles
 from flux_mcp.settings import Settings
 from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, register_tools
+
+if TYPE_CHECKING:
+    import httpx
+
+    from flux_mcp.lifecycle import TaskService
 
 log = logging.getLogger(__name__)
 
@@ -71,31 +71,44 @@ def _lifespan(settings: Settings, options: ServerOptions) -> Callable[[MCPServer
                 log.warning("simulate mode: using the built-in PiAPI simulator at %s", base_url)
             else:
                 base_url, api_key = settings.base_url, settings.require_api_key()
-            client = PiAPIClient(
-                base_url,
-                api_key,
-                http=options.http,
-                timeout_seconds=settings.request_timeout_seconds,
-                **({"sleep": options.sleep} if options.sleep else {}),
-            )
-            stack.push_async_callback(client.aclose)
-            ledger = await stack.enter_async_context(TaskLedger(settings.ledger_path))
-            store = (
-                ImageStore(settings.output_dir, max_bytes=settings.max_download_bytes) if settings.save_images else None
-            )
-            resolver = InputResolver(settings.allowed_image_roots(), max_bytes=settings.max_input_bytes)
-            service = TaskService(
-                settings,
-                client,
-                ledger,
-                store=store,
-                resolver=resolver,
-                policy=options.policy,
-                **({"sleep": options.sleep} if options.sleep else {}),
-            )
-            yield AppState(settings=settings, service=service)
+            state = AppState(settings, lambda: _build_service(settings, options, base_url, api_key))
+
+            async def close() -> None:  # the service exists only if a call used it (see AppState)
+                if state.service_built:
+                    await state.service.client.aclose()
+
+            stack.push_async_callback(close)
+            yield state
 
     return lifespan
+
+
+def _build_service(settings: Settings, options: ServerOptions, base_url: str, api_key: str) -> TaskService:
+    """The core behind the tools: PiAPI client, ledger, image store. Imported and built on first
+    use, so the server starts and lists its tools without loading httpx or Pillow."""
+    from flux_mcp.client import PiAPIClient
+    from flux_mcp.files import ImageStore, InputResolver
+    from flux_mcp.ledger import TaskLedger
+    from flux_mcp.lifecycle import TaskService
+
+    client = PiAPIClient(
+        base_url,
+        api_key,
+        http=options.http,
+        timeout_seconds=settings.request_timeout_seconds,
+        **({"sleep": options.sleep} if options.sleep else {}),
+    )
+    store = ImageStore(settings.output_dir, max_bytes=settings.max_download_bytes) if settings.save_images else None
+    resolver = InputResolver(settings.allowed_image_roots(), max_bytes=settings.max_input_bytes)
+    return TaskService(
+        settings,
+        client,
+        TaskLedger(settings.ledger_path),  # opens (creates, migrates) the file on its first operation
+        store=store,
+        resolver=resolver,
+        policy=options.policy,
+        **({"sleep": options.sleep} if options.sleep else {}),
+    )
 
 
 class FluxServer(MCPServer):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -60,10 +59,25 @@ TaskTypeName = Literal[
 ]  # fmt: skip
 
 
-@dataclass
 class AppState:
-    settings: Settings
-    service: TaskService
+    """What the tools share for the server's lifetime. The service (HTTP client, ledger, image
+    store) is built by `build_service` on first use, so starting the server and answering
+    tools/list load and build none of it."""
+
+    def __init__(self, settings: Settings, build_service: Callable[[], TaskService]) -> None:
+        self.settings = settings
+        self._build_service = build_service
+        self._service: TaskService | None = None
+
+    @property
+    def service(self) -> TaskService:
+        if self._service is None:
+            self._service = self._build_service()
+        return self._service
+
+    @property
+    def service_built(self) -> bool:
+        return self._service is not None
 
 
 class TaskSummary(BaseModel):
