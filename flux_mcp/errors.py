@@ -21,6 +21,9 @@ ErrorCategory = Literal[
     "submit_uncertain",
     "not_found",
     "storage",
+    "budget_exceeded",
+    "confirmation_required",
+    "not_confirmed",
 ]
 
 
@@ -118,3 +121,21 @@ class NotFoundError(FluxError):
 class StorageError(FluxError):
     category = "storage"
     default_hint = "A local file operation failed; check the output directory and allowed image roots."
+
+
+class BudgetExceededError(FluxError):
+    category = "budget_exceeded"
+    default_hint = "Nothing was sent. Wait for the next UTC day, or raise FLUX_MCP_DAILY_BUDGET_USD (unset = no limit)."
+
+
+class ConfirmationRequiredError(FluxError):
+    category = "confirmation_required"
+    default_hint = (
+        "Nothing was sent. This client cannot ask the user to confirm; lower the cost (fewer images, a cheaper "
+        "model) or raise FLUX_MCP_CONFIRM_ABOVE_USD (unset = never ask)."
+    )
+
+
+class NotConfirmedError(FluxError):
+    category = "not_confirmed"
+    default_hint = "Nothing was sent: the user did not confirm the cost. Do not resubmit unless they ask."

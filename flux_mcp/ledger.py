@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flux_mcp import errors
 from flux_mcp.record import TERMINAL_STATUSES, TaskRecord
+from flux_mcp.spend import SpendLimit
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +323,41 @@ class TaskLedger:
 
     # --- submission lifecycle ---------------------------------------------------------------
 
+    @staticmethod
+    def _active_holder(
+        conn: sqlite3.Connection, idempotency_key: str, window_seconds: float | None, now: float
+    ) -> sqlite3.Row | None:
+        """The entry a new claim of `idempotency_key` would re-attach to, if any."""
+        # A failed or cancelled task cost nothing, so a repeat of it is a fresh submission.
+        sql = (
+            "SELECT * FROM tasks WHERE idempotency_key = ? "
+            "AND (status IS NULL OR status NOT IN ('failed', 'cancelled'))"
+        )
+        params: builtins.list[Any] = [idempotency_key]
+        if window_seconds is not None:
+            sql += " AND created_at >= ?"
+            params.append(now - window_seconds)
+        return conn.execute(sql + " ORDER BY created_at DESC, seq DESC LIMIT 1", params).fetchone()
+
+    @staticmethod
+    def _spent_since(conn: sqlite3.Connection, since: float) -> float:
+        # Charged from the reservation on; PiAPI bills neither failed nor cancelled tasks.
+        row = conn.execute(
+            "SELECT COALESCE(SUM(estimated_cost_usd), 0) FROM tasks WHERE created_at >= ? "
+            "AND (status IS NULL OR status NOT IN ('failed', 'cancelled'))",
+            (since,),
+        ).fetchone()
+        return round(float(row[0]), 6)
+
+    async def spent_since(self, since: float) -> float:
+        """USD charged for tasks created at or after `since` (see `flux_mcp.spend`)."""
+        return await self._run(lambda conn: self._spent_since(conn, since))
+
+    async def would_reattach(self, idempotency_key: str, window_seconds: float | None) -> bool:
+        """Whether `reserve` with this key would re-attach now (a read; the answer may change)."""
+        now = self._clock()
+        return await self._run(lambda conn: self._active_holder(conn, idempotency_key, window_seconds, now) is not None)
+
     async def reserve(
         self,
         *,
@@ -335,27 +371,24 @@ class TaskLedger:
         estimated_cost_usd: float,
         payload_fingerprint: str | None = None,
         owner: str | None = None,
+        spend_limit: SpendLimit | None = None,
     ) -> Reservation:
         """Claim `idempotency_key`, or return the entry that already holds it within the window.
 
         `payload_fingerprint` identifies the exact request (default: the fingerprint of `payload`)
-        and `owner` the process submitting it (see `new_owner_id`)."""
+        and `owner` the process submitting it (see `new_owner_id`). With `spend_limit`, a new
+        claim whose cost would take the spend since `spend_limit.since` past its budget raises
+        `BudgetExceededError` and records nothing; a re-attach is never refused."""
         now = self._clock()
 
         def reserve(conn: sqlite3.Connection) -> Reservation:
             with _immediate(conn):
-                # A failed or cancelled task cost nothing, so a repeat of it is a fresh submission.
-                sql = (
-                    "SELECT * FROM tasks WHERE idempotency_key = ? "
-                    "AND (status IS NULL OR status NOT IN ('failed', 'cancelled'))"
-                )
-                params: builtins.list[Any] = [idempotency_key]
-                if window_seconds is not None:
-                    sql += " AND created_at >= ?"
-                    params.append(now - window_seconds)
-                row = conn.execute(sql + " ORDER BY created_at DESC, seq DESC LIMIT 1", params).fetchone()
+                row = self._active_holder(conn, idempotency_key, window_seconds, now)
                 if row is not None:
                     return Reservation(entry=self._entries(conn, [row])[0], is_new=False)
+                if spend_limit is not None:
+                    # Checked and charged under the same write lock: no other process can slip in.
+                    spend_limit.check(estimated_cost_usd, self._spent_since(conn, spend_limit.since))
                 local_id = _insert_task(
                     conn,
                     tool=tool,

@@ -35,6 +35,7 @@ from flux_mcp.parameters import build_request
 from flux_mcp.polling import DEFAULT_POLICY, OnUpdate, PollPolicy, wait_for_task
 from flux_mcp.record import TaskRecord
 from flux_mcp.settings import Settings
+from flux_mcp.spend import SpendGuard, day_start
 
 if TYPE_CHECKING:  # the HTTP client (httpx) is loaded by whoever builds the service, on first use
     from flux_mcp.client import CancelOutcome, PiAPIClient
@@ -97,6 +98,7 @@ class TaskService:
         self._clock = clock
         self._sleep = sleep
         self._owner = new_owner_id()
+        self.guard = SpendGuard(settings.daily_budget_usd, settings.confirm_above_usd)
 
     # --- before anything is sent ------------------------------------------------------------
 
@@ -117,6 +119,15 @@ class TaskService:
             return f"once:{uuid.uuid4().hex}", 0.0
         return f"fp:{tool}:{payload_fingerprint}", window
 
+    async def spent_today(self) -> float:
+        """USD charged today (UTC) across every process sharing the ledger."""
+        return await self.ledger.spent_since(day_start(time.time()))
+
+    async def would_reattach(self, tool: str, request: TaskRequest, idempotency_key: str | None) -> bool:
+        """Whether `submit` would re-attach to a task already paid for (so costs nothing)."""
+        payload_fingerprint = await anyio.to_thread.run_sync(fingerprint, request.to_payload())
+        return await self.ledger.would_reattach(*self._idempotency(tool, payload_fingerprint, idempotency_key))
+
     async def submit(
         self,
         tool: str,
@@ -125,7 +136,9 @@ class TaskService:
         arguments: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Submission:
-        """Create the task once. `arguments` (the tool's normalised arguments) go to the ledger."""
+        """Create the task once. `arguments` (the tool's normalised arguments) go to the ledger.
+
+        A new task that would pass the daily budget raises `BudgetExceededError`; nothing is sent."""
         payload = request.to_payload()
         # Hashing a payload that carries a 20 MB data URI takes a noticeable time: off the loop.
         payload_fingerprint = await anyio.to_thread.run_sync(fingerprint, payload)
@@ -141,6 +154,7 @@ class TaskService:
             estimated_cost_usd=request.estimated_cost_usd,
             payload_fingerprint=payload_fingerprint,
             owner=self._owner,
+            spend_limit=self.guard.limit(time.time()),
         )
         if not reservation.is_new:
             return await self._reattach(reservation.entry, payload_fingerprint)

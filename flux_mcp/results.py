@@ -59,6 +59,8 @@ class TaskResult(BaseModel):
     usage: dict[str, Any] | None = None
     estimated_cost_usd: float | None = None
     reattached: bool = False
+    spent_today_usd: float | None = None
+    spend_guard: str | None = None  # dry runs: allowed, needs_confirmation or over_budget
     payload: dict[str, Any] | None = None
     next_step: str | None = None
 
@@ -96,7 +98,9 @@ def _next_step(record: TaskRecord, saved: bool) -> str | None:
     return None
 
 
-def task_result(outcome: TaskOutcome, *, estimated_cost_usd: float | None = None) -> TaskResult:
+def task_result(
+    outcome: TaskOutcome, *, estimated_cost_usd: float | None = None, spent_today_usd: float | None = None
+) -> TaskResult:
     record = outcome.record
     paths = {row.n: row.path for row in outcome.images}
     error = None
@@ -128,6 +132,7 @@ def task_result(outcome: TaskOutcome, *, estimated_cost_usd: float | None = None
         usage=record.usage,
         estimated_cost_usd=estimated_cost_usd,
         reattached=outcome.reattached,
+        spent_today_usd=spent_today_usd,
         next_step=" ".join(notes) or None,
     )
 
@@ -140,7 +145,12 @@ def summary_text(result: TaskResult) -> str:
         return text + (f"\n{result.error.hint}" if result.error.hint else "")
     if result.status is None:
         return "Dry run: nothing was sent. " + json.dumps(
-            {"payload": result.payload, "estimated_cost_usd": result.estimated_cost_usd}
+            {
+                "payload": result.payload,
+                "estimated_cost_usd": result.estimated_cost_usd,
+                "spend_guard": result.spend_guard,
+                "spent_today_usd": result.spent_today_usd,
+            }
         )
     lines = [f"Task {result.task_id} ({result.task_type}, {result.model}): {result.status}."]
     if result.error:
@@ -174,8 +184,11 @@ def to_call_result(
     return CallToolResult(content=content, structured_content=result.wire(), is_error=is_error)
 
 
-def error_result(exc: FluxError, *, task_type: str = "", model: str = "") -> TaskResult:
+def error_result(
+    exc: FluxError, *, task_type: str = "", model: str = "", spent_today_usd: float | None = None
+) -> TaskResult:
     return TaskResult(
+        spent_today_usd=spent_today_usd,
         task_id=exc.task_id,
         model=model,
         task_type=task_type,

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     """Size cap per local input image."""
     request_timeout_seconds: float = Field(default=30.0, gt=0)
     """Per-request HTTP timeout to PiAPI."""
+    daily_budget_usd: float | None = Field(default=None, ge=0)
+    """Most USD the task tools may spend per UTC day, across processes sharing the ledger; unset = no limit."""
+    confirm_above_usd: float | None = Field(default=None, ge=0)
+    """A call costing more than this (USD) asks the user to confirm first; unset = never ask."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Log level; logs go to stderr only."""
 

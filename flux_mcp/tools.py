@@ -29,9 +29,11 @@ import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.server.mcpserver.resolve import Elicit, ElicitationResult, Resolve
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
+from flux_mcp.confirmation import SpendApproval, Unasked, refusal, spend_question
 from flux_mcp.errors import FluxError
 from flux_mcp.lifecycle import TaskOutcome, TaskService, summarise_payload
 from flux_mcp.parameters import PARAMETERS, TASK_TOOLS, TaskTool
@@ -95,6 +97,8 @@ class TaskSummary(BaseModel):
 
 class TaskList(BaseModel):
     tasks: list[TaskSummary]
+    spent_today_usd: float
+    daily_budget_usd: float | None  # null = no daily limit
 
 
 class _Progress:
@@ -124,8 +128,15 @@ def _settings_include(settings: Settings, include_image: str | None) -> str:
     return include_image or settings.include_image
 
 
-def failure_result(exc: FluxError, *, task_type: str = "", model: str = "", cancel: bool = False) -> CallToolResult:
-    result = error_result(exc, task_type=task_type, model=model)
+def failure_result(
+    exc: FluxError,
+    *,
+    task_type: str = "",
+    model: str = "",
+    cancel: bool = False,
+    spent_today_usd: float | None = None,
+) -> CallToolResult:
+    result = error_result(exc, task_type=task_type, model=model, spent_today_usd=spent_today_usd)
     if cancel:  # flux_cancel_task publishes CancelResult: its errors must match that schema too
         result = CancelResult(**dict(result), cancel_accepted=False)
     return to_call_result(result, is_error=True)
@@ -138,8 +149,9 @@ async def _present(
     *,
     estimated_cost_usd: float | None = None,
     cancel_accepted: bool | None = None,
+    spent_today_usd: float | None = None,
 ) -> CallToolResult:
-    result = task_result(outcome, estimated_cost_usd=estimated_cost_usd)
+    result = task_result(outcome, estimated_cost_usd=estimated_cost_usd, spent_today_usd=spent_today_usd)
     if cancel_accepted is not None:
         result = CancelResult(**dict(result), cancel_accepted=cancel_accepted)
     # A cancel that worked is a success for flux_cancel_task, whatever the task's status.
@@ -150,40 +162,56 @@ async def _present(
     return to_call_result(result, previews=previews, is_error=failed)
 
 
-async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> CallToolResult:
+def _split_options(settings: Settings, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The task's own arguments, and the options that steer the call (wait, dry run, key, preview)."""
+    task_args = dict(args)
+    options = {name: task_args.pop(name) for name in ("wait_seconds", "dry_run", "idempotency_key", "include_image")}
+    options["wait_seconds"] = settings.wait_seconds if options["wait_seconds"] is None else options["wait_seconds"]
+    options["include_image"] = _settings_include(settings, options["include_image"])
+    return task_args, options
+
+
+async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any], approval: Any = None) -> CallToolResult:
     state = _state(ctx)
     service, settings = state.service, state.settings
-    wait_seconds = args.pop("wait_seconds")
-    wait_seconds = settings.wait_seconds if wait_seconds is None else wait_seconds
-    dry_run = args.pop("dry_run")
-    idempotency_key = args.pop("idempotency_key")
-    include = _settings_include(settings, args.pop("include_image"))
+    args, options = _split_options(settings, args)
+    idempotency_key, include = options["idempotency_key"], options["include_image"]
     model = str(tool.fixed_model or args.get("model") or "")
     try:
         request = await service.prepare(tool.task_type, args)
     except FluxError as exc:
         return failure_result(exc, task_type=tool.task_type.value, model=model)
-    if dry_run:
+    task_type, model, cost = request.task_type.value, request.model.value, request.estimated_cost_usd
+    if options["dry_run"]:
+        spent = await service.spent_today()
+        reattach = await service.would_reattach(tool.name, request, idempotency_key)
+        decision = "allowed" if reattach else service.guard.decide(cost, spent)
         result = TaskResult(
             task_id=None,
-            model=request.model.value,
-            task_type=request.task_type.value,
+            model=model,
+            task_type=task_type,
             status=None,
             error=None,
             payload=summarise_payload(request.to_payload()),
-            estimated_cost_usd=request.estimated_cost_usd,
-            next_step="Nothing was sent. Call again without dry_run to submit.",
+            estimated_cost_usd=cost,
+            spent_today_usd=spent,
+            spend_guard=decision,
+            next_step=f"Nothing was sent (spend guard: {decision}). Call again without dry_run to submit.",
         )
         return to_call_result(result)
+    if (refused := refusal(approval)) is not None:
+        return failure_result(refused, task_type=task_type, model=model, spent_today_usd=await service.spent_today())
     try:
         submission = await service.submit(tool.name, request, arguments=args, idempotency_key=idempotency_key)
     except FluxError as exc:
-        return failure_result(exc, task_type=request.task_type.value, model=request.model.value)
+        return failure_result(exc, task_type=task_type, model=model, spent_today_usd=await service.spent_today())
     record = submission.record
     progress = _Progress(ctx)
     try:
         # `initial` makes the first progress notification carry the task id before any waiting.
-        outcome = await service.wait(record.task_id, timeout=wait_seconds, on_update=progress.send, initial=record)
+        outcome = await service.wait(
+            record.task_id, timeout=options["wait_seconds"], on_update=progress.send, initial=record
+        )
     except anyio.get_cancelled_exc_class():
         if not submission.reattached:
             with anyio.CancelScope(shield=True):
@@ -191,24 +219,47 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any]) -> 
         raise
     except FluxError as exc:
         exc.task_id = exc.task_id or record.task_id
-        return failure_result(exc, task_type=request.task_type.value, model=request.model.value)
+        return failure_result(exc, task_type=task_type, model=model)
     outcome.reattached = submission.reattached
-    return await _present(service, outcome, include, estimated_cost_usd=request.estimated_cost_usd)
+    spent = await service.spent_today()
+    return await _present(service, outcome, include, estimated_cost_usd=cost, spent_today_usd=spent)
+
+
+def _confirm_resolver(tool: TaskTool) -> Callable[..., Awaitable[Unasked | Elicit[SpendApproval]]]:
+    """Runs before the tool body: asks the user to confirm a call above the per-call threshold."""
+
+    async def confirm_spend(ctx: Context, raw_arguments: Any = None) -> Unasked | Elicit[SpendApproval]:
+        state = _state(ctx)
+        if state.service.guard.confirm_above_usd is None:
+            return Unasked()
+        try:
+            args = tool.validate_arguments(raw_arguments if isinstance(raw_arguments, dict) else {})
+            args, options = _split_options(state.settings, args)
+            if options["dry_run"]:
+                return Unasked()
+            request = await state.service.prepare(tool.task_type, args)
+        except FluxError:
+            return Unasked()  # the tool body reports it
+        return await spend_question(ctx, state.service, tool.name, request, options["idempotency_key"])
+
+    return confirm_spend
 
 
 def _task_tool_function(tool: TaskTool) -> Callable[..., Awaitable[CallToolResult]]:
     """The tool body: validates the raw arguments (see `FluxServer.call_tool`) with the tool's model."""
 
-    async def run(ctx: Context, raw_arguments: Any = None) -> ReturnsTask:
+    async def run(ctx: Context, raw_arguments: Any = None, approval: Any = None) -> ReturnsTask:
         try:
             args = tool.validate_arguments(raw_arguments if isinstance(raw_arguments, dict) else {})
         except FluxError as exc:
             given = raw_arguments.get("model") if isinstance(raw_arguments, dict) else None
             model = tool.fixed_model or (given if isinstance(given, str) else None) or PARAMETERS["model"].default
             return failure_result(exc, task_type=tool.task_type.value, model=str(model))
-        return await _run_task_tool(tool, ctx, args)
+        return await _run_task_tool(tool, ctx, args, approval)
 
     run.__name__ = run.__qualname__ = tool.name
+    # The SDK fills `approval` by running the resolver first (elicitation in both protocol eras).
+    run.__annotations__["approval"] = Annotated[ElicitationResult[SpendApproval], Resolve(_confirm_resolver(tool))]
     return run
 
 
@@ -274,8 +325,13 @@ def _register_task_management(mcp: MCPServer) -> None:
         limit: Annotated[int, Field(ge=1, le=200, description="Newest first, at most this many.")] = 20,
     ) -> TaskList:
         """Tasks from the local ledger, newest first."""
-        entries = await _state(ctx).service.ledger.list(status=status, task_type=task_type, limit=limit)
-        return TaskList(tasks=[_summary(e) for e in entries])
+        state = _state(ctx)
+        entries = await state.service.ledger.list(status=status, task_type=task_type, limit=limit)
+        return TaskList(
+            tasks=[_summary(e) for e in entries],
+            spent_today_usd=await state.service.spent_today(),
+            daily_budget_usd=state.settings.daily_budget_usd,
+        )
 
 
 def _summary(entry: Any) -> TaskSummary:
