@@ -35,15 +35,16 @@ def _load_settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from flux_mcp.server import create_server
-
     settings = _load_settings(args)
     _configure_logging(settings.log_level)
-    server = create_server(settings)
     if args.transport == "http":
-        server.run("streamable-http", host=args.host, port=args.port)
-    else:
-        server.run()
+        from flux_mcp.http_app import serve_http
+
+        serve_http(settings, host=args.host, port=args.port)
+        return
+    from flux_mcp.server import create_server
+
+    create_server(settings).run()
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -78,25 +79,34 @@ def _add_front_door(parser: argparse.ArgumentParser) -> None:
     parser.epilog = environment_help()
 
 
+def _global_options() -> argparse.ArgumentParser:
+    """Options that work anywhere on the command line, before or after the subcommand. Inside a
+    subcommand they default to SUPPRESS, so a subcommand never resets what was given before it."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--simulate", action="store_true", default=argparse.SUPPRESS, help="use the built-in PiAPI simulator (no key)"
+    )
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="piapi-flux-mcp", description=DESCRIPTION)
+    common = _global_options()
+    parser = argparse.ArgumentParser(prog="piapi-flux-mcp", description=DESCRIPTION, parents=[common])
     _add_front_door(parser)
-    parser.add_argument("--simulate", action="store_true", help="use the built-in PiAPI simulator (no key)")
     parser.set_defaults(func=_serve, transport="stdio", host="127.0.0.1", port=8000)
     sub = parser.add_subparsers(dest="command")
 
-    serve = sub.add_parser("serve", help="run the MCP server (default: stdio)")
+    serve = sub.add_parser("serve", help="run the MCP server (default: stdio)", parents=[common])
     serve.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--simulate", action="store_true", help="use the built-in PiAPI simulator (no key)")
     serve.set_defaults(func=_serve)
 
-    demo = sub.add_parser("demo", help="end-to-end demo: every task type against the simulator")
+    demo = sub.add_parser("demo", help="end-to-end demo: every task type against the simulator", parents=[common])
     demo.add_argument("--output-dir", default="demo-output", help="where the demo writes images and its ledger")
     demo.set_defaults(func=_demo)
 
-    sim = sub.add_parser("simulator", help="run the PiAPI simulator as a standalone HTTP server")
+    sim = sub.add_parser("simulator", help="run the PiAPI simulator as a standalone HTTP server", parents=[common])
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8089)
     sim.add_argument("--api-key", default="sim-key", help="the X-API-Key the simulator accepts")

@@ -7,7 +7,9 @@ as `**********` in any repr, log line or error.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,6 +29,26 @@ def default_output_dir() -> Path:
 
 def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+MIN_TOKEN_LENGTH = 16
+
+
+def _host_name(entry: str) -> str:
+    """One FLUX_MCP_ALLOWED_HOSTS entry as the bare host a Host header carries: `mcp.example.com`,
+    `10.0.0.5`, `[fd00::5]` (an IPv6 address gets its brackets). No scheme, port, path or wildcard."""
+    host = entry.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        if ":" in host:
+            return f"[{ipaddress.IPv6Address(host)}]"
+    except ValueError:
+        pass
+    else:
+        if re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?", host):
+            return host
+    raise ValueError(f"{entry.strip()!r} is not a host name (list bare names, without scheme or port)")
 
 
 class ConfigurationError(ValueError):
@@ -71,6 +93,15 @@ class Settings(BaseSettings):
     """A call costing more than this (USD) asks the user to confirm first; unset = never ask."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Log level; logs go to stderr only."""
+    # HTTP transport (see flux_mcp.http_app): who may call, under which Host names, how many sessions.
+    auth_token: SecretStr | None = None
+    """HTTP only: the bearer token clients must send (16+ characters); required beyond loopback. Never printed."""
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """HTTP only: extra host names (comma-separated, no port) clients may reach the server under, besides loopback."""
+    max_sessions: int = Field(default=1000, gt=0)
+    """HTTP only: open sessions at once; one more is refused with 503."""
+    session_idle_seconds: float = Field(default=1800.0, gt=0, le=86400)
+    """HTTP only: a session with no request for this long is closed."""
 
     @field_validator("image_roots", mode="before")
     @classmethod
@@ -78,6 +109,29 @@ class Settings(BaseSettings):
         # FLUX_MCP_IMAGE_ROOTS is a path list in the platform's PATH syntax ("a:b" or "a;b").
         if isinstance(value, str):
             return [p for p in value.split(os.pathsep) if p.strip()]
+        return value
+
+    @field_validator("auth_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # unset or blank: no token
+        token = value.get_secret_value()
+        if len(token) < MIN_TOKEN_LENGTH or token != token.strip() or not token.isascii():
+            raise ValueError(
+                f"must be at least {MIN_TOKEN_LENGTH} printable ASCII characters without surrounding spaces "
+                "(e.g. the output of: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        # FLUX_MCP_ALLOWED_HOSTS: comma-separated host names, each allowed on any port.
+        if isinstance(value, str):
+            value = [h for h in value.split(",") if h.strip()]
+        if isinstance(value, list):
+            return [_host_name(str(h)) for h in value]
         return value
 
     @field_validator("base_url")

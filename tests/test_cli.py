@@ -48,6 +48,22 @@ def test_bad_configuration_is_one_line_on_stderr_before_any_transport(env, expec
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--simulate"],
+        ["--simulate", "serve"],
+        ["serve", "--simulate"],
+        ["--simulate", "serve", "--transport", "http"],
+        ["serve", "--transport", "http", "--simulate"],
+    ],
+)
+def test_global_options_work_before_or_after_the_subcommand(argv):
+    from flux_mcp.cli import _load_settings, build_parser
+
+    assert _load_settings(build_parser().parse_args(argv)).simulate is True
+
+
 def test_the_api_key_is_never_echoed():
     result = run_cli(env={"PIAPI_API_KEY": "sk-secret-value", "PIAPI_BASE_URL": "nope"}, timeout=30)
     assert "sk-secret-value" not in result.stderr + result.stdout
