@@ -34,6 +34,8 @@ from flux_mcp.record import TaskRecord, is_valid_task_id
 log = logging.getLogger(__name__)
 
 TASK_PATH = "/api/v1/task"
+# Secrets shorter than this are not scrubbed from upstream text (they would mangle every word).
+MIN_SCRUBBED_CHARS = 4
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class PiAPIClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
+        self._secrets: set[str] = set()
+        self.add_secret(api_key)
         timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
         self._http = http or httpx.AsyncClient(
             timeout=timeout,
@@ -208,8 +212,23 @@ class PiAPIClient:
             raise errors.NetworkError(f"connection to PiAPI failed ({type(exc).__name__})", task_id=task_id) from exc
         return self._parse(response, task_id=task_id, is_create=is_create)
 
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
+    def add_secret(self, value: str | None) -> None:
+        """Also scrub `value` (e.g. a webhook secret) from everything PiAPI sends back."""
+        if value and len(value.strip()) >= MIN_SCRUBBED_CHARS:
+            self._secrets.add(value.strip())
+
+    def scrub(self, value: Any) -> Any:
+        """`value` (text, or JSON from upstream) with the API key and every registered secret
+        replaced by `***`: upstream text is scrubbed before anything returns, logs or stores it."""
+        if isinstance(value, str):
+            for secret in self._secrets:
+                value = value.replace(secret, "***")
+            return value
+        if isinstance(value, dict):
+            return {self.scrub(k): self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.scrub(v) for v in value]
+        return value
 
     def _parse(self, response: httpx.Response, *, task_id: str | None, is_create: bool) -> dict[str, Any]:
         status = response.status_code
@@ -220,7 +239,7 @@ class PiAPIClient:
         envelope_message = ""
         envelope_code: int | None = None
         if isinstance(body, dict):
-            envelope_message = self._scrub(str(body.get("message") or ""))
+            envelope_message = self.scrub(str(body.get("message") or ""))
             try:
                 envelope_code = int(body.get("code")) if body.get("code") is not None else None
             except (TypeError, ValueError):
@@ -228,7 +247,7 @@ class PiAPIClient:
         if status == 200 and isinstance(body, dict) and envelope_code in (None, 200):
             data = body.get("data")
             if isinstance(data, dict):
-                return data
+                return self.scrub(data)
         # An error: HTTP status first; a 200 whose envelope says otherwise takes the envelope's
         # code when it looks like an HTTP status, else counts as a server-side failure.
         effective = status
@@ -263,7 +282,7 @@ class PiAPIClient:
         if is_create:
             # A 5xx (or an unreadable answer) says nothing about whether the task was created:
             # gateways commonly time out after the origin accepted it. An id in the answer is kept.
-            data = body.get("data") if isinstance(body, dict) else None
+            data = self.scrub(body.get("data")) if isinstance(body, dict) else None
             seen_id = data.get("task_id") if isinstance(data, dict) else None
             raise errors.SubmitUncertainError(
                 f"PiAPI answered the create request with HTTP {effective} ({detail}); the task may exist",

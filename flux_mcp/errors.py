@@ -24,6 +24,7 @@ ErrorCategory = Literal[
     "budget_exceeded",
     "confirmation_required",
     "not_confirmed",
+    "task_lost",
 ]
 
 
@@ -139,3 +140,13 @@ class ConfirmationRequiredError(FluxError):
 class NotConfirmedError(FluxError):
     category = "not_confirmed"
     default_hint = "Nothing was sent: the user did not confirm the cost. Do not resubmit unless they ask."
+
+
+class TaskLostError(FluxError):
+    """PiAPI no longer knows a task this server recorded as unfinished: its outcome is unknown."""
+
+    category = "task_lost"
+    default_hint = (
+        "PiAPI no longer knows this task, so waiting will not help: check your PiAPI dashboard for it. "
+        "To generate again, call the task tool with a new idempotency_key."
+    )

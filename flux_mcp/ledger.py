@@ -170,6 +170,21 @@ def _insert_task(conn: sqlite3.Connection, **values: Any) -> str:
     return local_id
 
 
+def _claim_task_id(conn: sqlite3.Connection, local_id: str, task_id: str) -> None:
+    """Bind PiAPI's task id to a reservation; a row that already holds the id (someone fetched
+    the task by id first) is folded into it."""
+    clash = conn.execute(
+        "SELECT local_id FROM tasks WHERE task_id = ? AND local_id != ?", (task_id, local_id)
+    ).fetchone()
+    if clash is not None:
+        other = clash["local_id"]
+        conn.execute("UPDATE status_history SET local_id = ? WHERE local_id = ?", (local_id, other))
+        conn.execute("UPDATE OR IGNORE images SET local_id = ? WHERE local_id = ?", (local_id, other))
+        conn.execute("DELETE FROM images WHERE local_id = ?", (other,))
+        conn.execute("DELETE FROM tasks WHERE local_id = ?", (other,))
+    conn.execute("UPDATE tasks SET task_id = ? WHERE local_id = ?", (task_id, local_id))
+
+
 _PLAIN_COLUMNS = (
     "local_id", "task_id", "tool", "task_type", "model", "idempotency_key", "fingerprint", "submit_state",
     "submit_owner", "status", "estimated_cost_usd", "created_at", "updated_at",
@@ -329,14 +344,16 @@ class TaskLedger:
     ) -> sqlite3.Row | None:
         """The entry a new claim of `idempotency_key` would re-attach to, if any."""
         # A failed or cancelled task cost nothing, so a repeat of it is a fresh submission.
+        # A create still in flight, or of unknown outcome, holds its key whatever the window or
+        # the clock says: only the caller may decide to pay again.
         sql = (
             "SELECT * FROM tasks WHERE idempotency_key = ? "
             "AND (status IS NULL OR status NOT IN ('failed', 'cancelled'))"
         )
         params: builtins.list[Any] = [idempotency_key]
         if window_seconds is not None:
-            sql += " AND created_at >= ?"
-            params.append(now - window_seconds)
+            sql += " AND (submit_state IN ('submitting', 'uncertain') OR (? > 0 AND created_at >= ?))"
+            params += [window_seconds, now - window_seconds]
         return conn.execute(sql + " ORDER BY created_at DESC, seq DESC LIMIT 1", params).fetchone()
 
     @staticmethod
@@ -416,20 +433,10 @@ class TaskLedger:
 
         def attach(conn: sqlite3.Connection) -> None:
             with _immediate(conn):
-                clash = conn.execute(
-                    "SELECT local_id FROM tasks WHERE task_id = ? AND local_id != ?",
-                    (record.task_id, local_id),
-                ).fetchone()
-                if clash is not None:
-                    # Someone fetched the task by id before we attached it: fold that row into ours.
-                    other = clash["local_id"]
-                    conn.execute("UPDATE status_history SET local_id = ? WHERE local_id = ?", (local_id, other))
-                    conn.execute("UPDATE OR IGNORE images SET local_id = ? WHERE local_id = ?", (local_id, other))
-                    conn.execute("DELETE FROM images WHERE local_id = ?", (other,))
-                    conn.execute("DELETE FROM tasks WHERE local_id = ?", (other,))
+                _claim_task_id(conn, local_id, record.task_id)
                 updated = conn.execute(
-                    "UPDATE tasks SET task_id = ?, submit_state = 'submitted', updated_at = ? WHERE local_id = ?",
-                    (record.task_id, now, local_id),
+                    "UPDATE tasks SET submit_state = 'submitted', updated_at = ? WHERE local_id = ?",
+                    (now, local_id),
                 ).rowcount
                 if not updated:
                     raise errors.StorageError(
@@ -439,17 +446,21 @@ class TaskLedger:
 
         await self._run(attach)
 
-    async def mark_uncertain(self, local_id: str, message: str) -> None:
-        """The create may have reached PiAPI; keep the row so a repeat with the same key is refused."""
+    async def mark_uncertain(self, local_id: str, message: str, *, task_id: str | None = None) -> None:
+        """The create may have reached PiAPI; keep the row so a repeat with the same key is refused.
+        A `task_id` seen in the answer (a 5xx body may carry one) is stored with it."""
         now = self._clock()
         error = _dumps(errors.SubmitUncertainError(message).to_dict())
 
         def mark(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE tasks SET submit_state = 'uncertain', error_json = ?, updated_at = ? "
-                "WHERE local_id = ? AND submit_state = 'submitting'",
-                (error, now, local_id),
-            )
+            with _immediate(conn):
+                updated = conn.execute(
+                    "UPDATE tasks SET submit_state = 'uncertain', error_json = ?, updated_at = ? "
+                    "WHERE local_id = ? AND submit_state = 'submitting'",
+                    (error, now, local_id),
+                ).rowcount
+                if updated and task_id:
+                    _claim_task_id(conn, local_id, task_id)
 
         await self._run(mark)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,7 +32,7 @@ from flux_mcp.files import ImageStore, InputResolver, fetch_image, make_thumbnai
 from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id, owner_is_gone
 from flux_mcp.parameters import build_request
 from flux_mcp.polling import DEFAULT_POLICY, OnUpdate, PollPolicy, wait_for_task
-from flux_mcp.record import TaskRecord
+from flux_mcp.record import TaskError, TaskRecord
 from flux_mcp.settings import Settings
 from flux_mcp.spend import SpendGuard, day_start
 
@@ -46,6 +45,13 @@ OTHER_PROCESS_SUBMIT_WAIT_SECONDS = 30.0
 DOWNLOAD_WAIT_SECONDS = 30.0
 _DATA_URI_PREVIEW = 48
 _SECRET_KEYS = frozenset({"secret", "webhook_secret"})
+
+
+def idempotency_slot(backend: str, tool: str, payload_fingerprint: str, key: str | None) -> str:
+    """The ledger's idempotency key: the caller's `idempotency_key`, else the tool and payload
+    fingerprint; both scoped to the backend (PiAPI's base URL), so a task on one backend (say a
+    simulator) is never re-attached to a request meant for another."""
+    return f"{backend}|key:{key}" if key else f"{backend}|fp:{tool}:{payload_fingerprint}"
 
 
 def summarise_payload(value: Any) -> Any:
@@ -112,12 +118,10 @@ class TaskService:
     # --- submit exactly once ----------------------------------------------------------------
 
     def _idempotency(self, tool: str, payload_fingerprint: str, key: str | None) -> tuple[str, float | None]:
-        if key:
-            return f"key:{key}", None
-        window = self.settings.idempotency_window_seconds
-        if window <= 0:
-            return f"once:{uuid.uuid4().hex}", 0.0
-        return f"fp:{tool}:{payload_fingerprint}", window
+        """The ledger slot a create reserves, and how long a *finished* repeat re-attaches (None =
+        forever). A create in flight or of unknown outcome blocks its slot whatever the window."""
+        slot = idempotency_slot(self.client.base_url, tool, payload_fingerprint, key)
+        return slot, None if key else self.settings.idempotency_window_seconds
 
     async def spent_today(self) -> float:
         """USD charged today (UTC) across every process sharing the ledger."""
@@ -140,6 +144,9 @@ class TaskService:
 
         A new task that would pass the daily budget raises `BudgetExceededError`; nothing is sent."""
         payload = request.to_payload()
+        webhook = request.config.webhook_config if request.config else None
+        if webhook is not None:  # PiAPI may echo it in a task's error text: scrub it from answers
+            self.client.add_secret(webhook.secret)
         # Hashing a payload that carries a 20 MB data URI takes a noticeable time: off the loop.
         payload_fingerprint = await anyio.to_thread.run_sync(fingerprint, payload)
         key, window = self._idempotency(tool, payload_fingerprint, idempotency_key)
@@ -157,7 +164,7 @@ class TaskService:
             spend_limit=self.guard.limit(time.time()),
         )
         if not reservation.is_new:
-            return await self._reattach(reservation.entry, payload_fingerprint)
+            return await self._reattach(reservation.entry, payload_fingerprint, idempotency_key)
         local_id = reservation.entry.local_id
         try:
             # Writing the reservation could not be interrupted: a cancel that came meanwhile must
@@ -176,7 +183,8 @@ class TaskService:
             try:
                 record = await self.client.create_task(payload)
             except errors.SubmitUncertainError as exc:
-                await self.ledger.mark_uncertain(local_id, exc.message)
+                # A task id the answer carried is stored with it, so the task can still be found.
+                await self.ledger.mark_uncertain(local_id, exc.message, task_id=exc.task_id)
                 raise
             except errors.FluxError:
                 await self.ledger.release(local_id)
@@ -203,11 +211,11 @@ class TaskService:
         """How long a create may run shielded; a reservation older than this is settled."""
         return self.settings.request_timeout_seconds * 2 + 30
 
-    async def _reattach(self, entry: LedgerEntry, payload_fingerprint: str) -> Submission:
-        if entry.idempotency_key and entry.idempotency_key.startswith("key:") and entry.fingerprint:
+    async def _reattach(self, entry: LedgerEntry, payload_fingerprint: str, key: str | None) -> Submission:
+        if key and entry.fingerprint:
             if entry.fingerprint != payload_fingerprint:
                 raise errors.InvalidInputError(
-                    f"idempotency_key {entry.idempotency_key[4:]!r} was already used for a different request "
+                    f"idempotency_key {key!r} was already used for a different request "
                     f"(task {entry.task_id or 'not yet created'}); use a new key for a new request",
                     hint="Pass a new idempotency_key, or repeat the original arguments to re-attach.",
                 )
@@ -226,8 +234,11 @@ class TaskService:
                 )
         if entry.submit_state == "uncertain" or entry.task_id is None:
             when = datetime.fromtimestamp(entry.created_at, UTC).isoformat(timespec="seconds")
+            seen = f" (PiAPI named task {entry.task_id}; check it with flux_get_task)" if entry.task_id else ""
             raise errors.SubmitUncertainError(
-                f"an identical request submitted at {when} has an unknown outcome, so it is not sent again"
+                f"an identical request submitted at {when} has an unknown outcome{seen}, so it is not sent "
+                "again, however long ago that was",
+                task_id=entry.task_id,
             )
         record = entry.record or TaskRecord(task_id=entry.task_id, model=entry.model, task_type=entry.task_type)
         return Submission(record=record, reattached=True)
@@ -260,7 +271,7 @@ class TaskService:
 
         try:
             record = await wait_for_task(
-                self.client.get_task,
+                self._get_rechecked,
                 task_id,
                 timeout=timeout,
                 on_update=record_then_report,
@@ -347,19 +358,43 @@ class TaskService:
     async def get(self, task_id: str) -> TaskOutcome:
         """One GET from PiAPI (a task unknown to the ledger gets recorded), then `finish`."""
         try:
-            record = await self.client.get_task(task_id)
+            record = await self._get_rechecked(task_id)
         except errors.NotFoundError:
             return await self._forgotten(task_id)
         return await self.finish(record)
 
+    async def _get_rechecked(self, task_id: str) -> TaskRecord:
+        """GET the task; a 404 is asked once more at once (a new task may not be visible
+        everywhere yet) before it counts."""
+        try:
+            return await self.client.get_task(task_id)
+        except errors.NotFoundError:
+            return await self.client.get_task(task_id)
+
     async def _forgotten(self, task_id: str) -> TaskOutcome:
-        """PiAPI no longer knows the task (retention); the ledger may still have it and its copies."""
+        """PiAPI no longer knows the task. A finished one keeps its last recorded state (and local
+        copies); an unfinished one is `lost` from now on, said in this very answer, never "running"."""
         entry = await self.ledger.get(task_id)
-        if entry is None or entry.record is None:
+        if entry is None:
             raise errors.NotFoundError(f"neither PiAPI nor the local ledger knows task {task_id}", task_id=task_id)
-        outcome = TaskOutcome(record=entry.record, images=list(entry.images))
-        outcome.notes.append("PiAPI no longer knows this task; this is the last recorded state")
-        return outcome
+        if entry.record is not None and entry.record.is_terminal:
+            outcome = TaskOutcome(record=entry.record, images=list(entry.images))
+            outcome.notes.append("PiAPI no longer knows this task; this is the last recorded state")
+            return outcome
+        last = entry.record.status if entry.record is not None else "submitted"
+        lost = TaskRecord(
+            task_id=task_id,
+            model=entry.model,
+            task_type=entry.task_type,
+            status="lost",
+            error=TaskError(
+                message=f"PiAPI no longer knows task {task_id} (last recorded as {last}); its outcome is unknown"
+            ),
+            created_at=entry.record.created_at if entry.record is not None else None,
+        )
+        entry = await self.ledger.record(lost)
+        log.warning("task %s is lost: PiAPI answered 404 twice", task_id)
+        return TaskOutcome(record=lost, images=list(entry.images))
 
     async def cancel(self, task_id: str) -> tuple[CancelOutcome, TaskOutcome]:
         result = await self.client.cancel_task(task_id)

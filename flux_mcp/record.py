@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Status = Literal["pending", "processing", "completed", "failed", "cancelled"]
+# `lost` is ours, never PiAPI's: a task it no longer knows that was not finished when last seen.
+Status = Literal["pending", "processing", "completed", "failed", "cancelled", "lost"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 _STATUS_WORDS: dict[str, Status] = {

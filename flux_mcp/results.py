@@ -18,7 +18,7 @@ from typing import Any
 from mcp.types import CallToolResult, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel
 
-from flux_mcp.errors import FluxError, TaskFailedError
+from flux_mcp.errors import FluxError, TaskFailedError, TaskLostError
 from flux_mcp.files import mime_of
 from flux_mcp.lifecycle import TaskOutcome
 from flux_mcp.record import Status, TaskRecord
@@ -26,6 +26,12 @@ from flux_mcp.record import Status, TaskRecord
 log = logging.getLogger(__name__)
 
 MAX_INLINE_IMAGES = 4
+# The error a task's own status carries: (category, hint).
+_ERROR_KINDS: dict[str, tuple[str, str]] = {
+    "failed": (TaskFailedError.category, TaskFailedError.default_hint),
+    "lost": (TaskLostError.category, TaskLostError.default_hint),
+}
+FAILED_STATUSES = frozenset(_ERROR_KINDS)  # a result with one of these is an `isError` result
 
 
 class ImageOut(BaseModel):
@@ -105,13 +111,9 @@ def task_result(
     paths = {row.n: row.path for row in outcome.images}
     error = None
     if record.error is not None:
-        failed = record.status == "failed"
+        category, hint = _ERROR_KINDS.get(record.status, ("cancelled", ""))
         error = ErrorOut(
-            code=record.error.code,
-            category=TaskFailedError.category if failed else "cancelled",
-            message=record.error.text,
-            retryable=False,
-            hint=TaskFailedError.default_hint if failed else "",
+            code=record.error.code, category=category, message=record.error.text, retryable=False, hint=hint
         )
     saved = all(paths.get(n) for n in range(len(record.image_urls)))
     notes = [n for n in (_next_step(record, saved), *outcome.notes) if n]

@@ -98,7 +98,7 @@ def _build_service(settings: Settings, options: ServerOptions, base_url: str, ap
         timeout_seconds=settings.request_timeout_seconds,
         **({"sleep": options.sleep} if options.sleep else {}),
     )
-    store = ImageStore(settings.output_dir, max_bytes=settings.max_download_bytes) if settings.save_images else None
+    store = ImageStore(settings.images_dir, max_bytes=settings.max_download_bytes) if settings.save_images else None
     resolver = InputResolver(settings.allowed_image_roots(), max_bytes=settings.max_input_bytes)
     return TaskService(
         settings,

@@ -21,6 +21,7 @@ APP_NAME = "piapi-flux-mcp"
 DEFAULT_BASE_URL = "https://api.piapi.ai"
 
 IncludeImage = Literal["none", "thumbnail"]
+SIMULATED_SUBDIR = "simulator"
 
 
 def default_output_dir() -> Path:
@@ -147,8 +148,19 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     @property
+    def state_dir(self) -> Path:
+        """Where the ledger lives. `--simulate` keeps its own ledger and images apart from real
+        ones (a `simulator` sub-folder), so a simulated task can never stand in for a paid one."""
+        return self.data_dir / SIMULATED_SUBDIR if self.simulate else self.data_dir
+
+    @property
     def ledger_path(self) -> Path:
-        return self.data_dir / "tasks.sqlite3"
+        return self.state_dir / "tasks.sqlite3"
+
+    @property
+    def images_dir(self) -> Path:
+        """Where images are saved: the output directory, or its `simulator` sub-folder."""
+        return self.output_dir / SIMULATED_SUBDIR if self.simulate else self.output_dir
 
     def allowed_image_roots(self) -> list[Path]:
         """Where local input images may be read from: the configured roots, else the working

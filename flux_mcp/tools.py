@@ -38,7 +38,15 @@ from flux_mcp.errors import FluxError
 from flux_mcp.lifecycle import TaskOutcome, TaskService, summarise_payload
 from flux_mcp.parameters import PARAMETERS, TASK_TOOLS, TaskTool
 from flux_mcp.record import TaskRecord
-from flux_mcp.results import MAX_INLINE_IMAGES, CancelResult, TaskResult, error_result, task_result, to_call_result
+from flux_mcp.results import (
+    FAILED_STATUSES,
+    MAX_INLINE_IMAGES,
+    CancelResult,
+    TaskResult,
+    error_result,
+    task_result,
+    to_call_result,
+)
 from flux_mcp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +62,7 @@ CANCEL = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent
 
 TaskId = Annotated[str, Field(description="task_id from a flux_* result.")]
 ReturnsTask = Annotated[CallToolResult, TaskResult]
-ListStatus = Literal["pending", "processing", "completed", "failed", "cancelled", "uncertain"]
+ListStatus = Literal["pending", "processing", "completed", "failed", "cancelled", "uncertain", "lost"]
 TaskTypeName = Literal[
     "txt2img", "img2img", "txt2img-lora", "img2img-lora",
     "fill-inpaint", "fill-outpaint", "redux-variation", "controlnet-lora",
@@ -155,7 +163,7 @@ async def _present(
     if cancel_accepted is not None:
         result = CancelResult(**dict(result), cancel_accepted=cancel_accepted)
     # A cancel that worked is a success for flux_cancel_task, whatever the task's status.
-    failed = result.status == "failed" or (result.status == "cancelled" and cancel_accepted is None)
+    failed = result.status in FAILED_STATUSES or (result.status == "cancelled" and cancel_accepted is None)
     previews = []
     if include == "thumbnail":
         previews = await service.previews([(i.url, i.path) for i in result.images], limit=MAX_INLINE_IMAGES)

@@ -71,3 +71,22 @@ def server(settings, fast_options):
     from flux_mcp.server import create_server
 
     return create_server(settings, fast_options)
+
+
+@pytest.fixture
+def make_service():
+    """`make_service(settings, client, ledger)`: a `TaskService` wired like the server's."""
+    return _task_service
+
+
+def _task_service(settings, client, ledger):
+    from flux_mcp.files import ImageStore, InputResolver
+    from flux_mcp.lifecycle import TaskService
+
+    return TaskService(
+        settings,
+        client,
+        ledger,
+        store=ImageStore(settings.images_dir, max_bytes=settings.max_download_bytes),
+        resolver=InputResolver(settings.allowed_image_roots(), max_bytes=settings.max_input_bytes),
+    )

@@ -117,15 +117,38 @@ async def test_window_expiry(tmp_path: Path) -> None:
     clock = FakeClock()
     async with TaskLedger(tmp_path / "t.db", clock=clock) as ledger:
         first = await reserve(ledger, window=60)
+        await ledger.attach(first.entry.local_id, task("t-1", "completed"))
         clock.now += 59
         assert not (await reserve(ledger, window=60)).is_new
         clock.now += 2
         later = await reserve(ledger, window=60)
         assert later.is_new and later.entry.local_id != first.entry.local_id
+        await ledger.attach(later.entry.local_id, task("t-2", "completed"))
         clock.now += 10_000
         # No window: the newest entry with the key is found however old it is.
         unlimited = await reserve(ledger, window=None)
         assert not unlimited.is_new and unlimited.entry.local_id == later.entry.local_id
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("window", [60.0, 0.0])
+@pytest.mark.parametrize("jump", [61.0, 10_000_000.0, -10_000_000.0])
+async def test_a_create_of_unknown_outcome_holds_its_key_whatever_the_window_or_clock(
+    tmp_path: Path, window: float, jump: float
+) -> None:
+    clock = FakeClock()
+    async with TaskLedger(tmp_path / "t.db", clock=clock) as ledger:
+        first = await reserve(ledger, window=window)
+        await ledger.mark_uncertain(first.entry.local_id, "the answer was lost", task_id="t-seen")
+        clock.now += jump
+        again = await reserve(ledger, window=window)
+        assert not again.is_new and again.entry.local_id == first.entry.local_id
+        assert again.entry.submit_state == "uncertain" and again.entry.task_id == "t-seen"
+        # Still in flight (another caller is creating it): also held, whatever the window.
+        in_flight = await reserve(ledger, key="k-flight", window=window)
+        clock.now += jump
+        assert not (await reserve(ledger, key="k-flight", window=window)).is_new
+        assert in_flight.is_new
 
 
 @pytest.mark.anyio

@@ -12,25 +12,18 @@ import pytest
 from flux_mcp import errors
 from flux_mcp.catalog import TaskType
 from flux_mcp.client import PiAPIClient
-from flux_mcp.files import ImageStore, InputResolver
 from flux_mcp.ledger import SCHEMA_VERSION, TaskLedger, fingerprint
-from flux_mcp.lifecycle import TaskService
+from flux_mcp.lifecycle import TaskService, idempotency_slot
 from flux_mcp.parameters import build_request
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def service(sim, settings):
+async def service(sim, settings, make_service):
     async with PiAPIClient(sim.base_url, sim.api_key, timeout_seconds=2) as client:
         async with TaskLedger(settings.ledger_path) as ledger:
-            yield TaskService(
-                settings,
-                client,
-                ledger,
-                store=ImageStore(settings.output_dir, max_bytes=settings.max_download_bytes),
-                resolver=InputResolver(settings.allowed_image_roots(), max_bytes=settings.max_input_bytes),
-            )
+            yield make_service(settings, client, ledger)
 
 
 def posts(sim) -> int:
@@ -56,7 +49,7 @@ async def test_a_reservation_left_by_a_dead_process_turns_uncertain_at_once(serv
     dead.wait(10)
     # What a server killed between its reservation and PiAPI's answer leaves behind.
     await service.ledger.reserve(
-        idempotency_key=f"fp:flux_txt2img:{fingerprint(payload)}",
+        idempotency_key=idempotency_slot(service.client.base_url, "flux_txt2img", fingerprint(payload), None),
         window_seconds=600,
         tool="flux_txt2img",
         task_type="txt2img",
@@ -147,7 +140,7 @@ async def test_a_reservation_far_older_than_any_create_is_settled_whoever_owns_i
     payload = request.to_payload()
     async with TaskLedger(settings.ledger_path, clock=lambda: time.time() - 3600) as old:
         await old.reserve(
-            idempotency_key=f"fp:flux_txt2img:{fingerprint(payload)}",
+            idempotency_key=idempotency_slot(service.client.base_url, "flux_txt2img", fingerprint(payload), None),
             window_seconds=None,
             tool="flux_txt2img",
             task_type="txt2img",

@@ -196,6 +196,10 @@ async def _create_task(request: Request, state: SimulatorState) -> _Reply:
     _webhooks(request).task_created(task)
     late = state.take_fault(("create_late",), "POST")
     data = state.task_object(task, _base_url(request))
+    broken = state.take_fault(("create_error",), "POST")
+    if broken is not None and broken.status is not None:
+        message = broken.message or _fault_message(broken.status)
+        return _Reply(broken.status, envelope(broken.status, data, message), task_id=task.task_id)
     logger.debug("simulator: created task %s (%s %s)", task.task_id, task.model, task_request.task_type)
     return _Reply(200, envelope(200, data, "success"), task_id=task.task_id, delay_after=late.delay if late else 0.0)
 

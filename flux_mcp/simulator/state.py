@@ -34,7 +34,10 @@ from flux_mcp.catalog import PRICE_PER_IMAGE_USD, Model, TaskRequest
 
 Phase = Literal["pending", "processing", "completed", "failed", "cancelled"]
 StatusStyle = Literal["lower", "capitalized", "legacy"]
-FaultKind = Literal["http_error", "malformed", "fail_next", "create_late", "slow", "webhook_drop", "webhook_duplicate"]
+# `create_error`: the task is created, but the answer is an HTTP error whose body still names it.
+FaultKind = Literal[
+    "http_error", "malformed", "fail_next", "create_late", "slow", "webhook_drop", "webhook_duplicate", "create_error"
+]
 HttpMethod = Literal["GET", "POST", "DELETE"]
 
 UNSET_TIME = "0001-01-01T00:00:00Z"
@@ -146,7 +149,7 @@ class Fault(BaseModel):
 
     @model_validator(mode="after")
     def _needs_status(self) -> Fault:
-        if self.kind == "http_error" and self.status is None:
+        if self.kind in ("http_error", "create_error") and self.status is None:
             raise ValueError("an http_error fault needs a status (e.g. 429, 500, 502, 503)")
         return self
 
