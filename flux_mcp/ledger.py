@@ -3,9 +3,11 @@
 A paid task must never be lost or submitted twice, and several server processes (one per MCP
 client) may share one data directory, so the ledger is a SQLite file in WAL mode, written only
 inside `BEGIN IMMEDIATE` transactions with a busy timeout: SQLite's own file lock is the
-cross-process mutex that makes idempotency reservations and download leases atomic. Each
-operation opens a short-lived connection inside a worker thread (`anyio.to_thread`), so no
-connection is ever shared between threads and the event loop never blocks on disk. Rows are
+cross-process mutex that makes idempotency reservations and download leases atomic. Within a
+process every operation is funnelled through one connection, one at a time, in a worker thread
+(`anyio.to_thread` with a limiter of one), so the event loop never blocks on disk and hundreds of
+concurrent calls never race each other for the write lock: each process is a single writer, and
+only processes contend (within the busy timeout; tests/test_ledger_load.py). Rows are
 keyed by a local id because PiAPI's task id is unknown until the create call answers; history
 and saved images hang off that local id. The schema is versioned with `PRAGMA user_version`.
 """
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 SubmitState = Literal["submitting", "submitted", "uncertain"]
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_SECONDS = 10.0
+MAX_BATCH = 200  # operations per transaction: bounds how long one process holds the write lock
 _T = TypeVar("_T")
 
 _SCHEMA_V1 = """
@@ -140,13 +143,32 @@ class Reservation:
     is_new: bool
 
 
+class _Operation:
+    """One queued ledger operation and, once its batch ran, its outcome."""
+
+    __slots__ = ("error", "finished", "fn", "result", "wake")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self.wake = anyio.Event()
+
+
 def _dumps(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 @contextlib.contextmanager
 def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """A write transaction that takes SQLite's write lock up front, so read-then-write is atomic."""
+    """A write transaction that takes SQLite's write lock up front, so read-then-write is atomic.
+
+    Inside a batch (see `TaskLedger._execute`) the batch's transaction already holds the lock and
+    each operation has its own savepoint, so there is nothing to begin here."""
+    if conn.in_transaction:
+        yield conn
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
@@ -197,40 +219,119 @@ class TaskLedger:
         self._clock = clock
         self._opened = False
         self._open_lock = anyio.Lock()
+        self._funnel = anyio.CapacityLimiter(1)  # one batch at a time on `_conn`
+        self._conn: sqlite3.Connection | None = None
+        self._queue: builtins.list[_Operation] = []
+        self._draining = False
 
     async def __aenter__(self) -> TaskLedger:
         await self.open()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        # Connections live for one operation, so there is nothing to close.
-        return None
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close this process's connection (the next operation would open a new one)."""
+
+        def close() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(close, limiter=self._funnel)
 
     # --- plumbing ---------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        # Used from whichever worker thread runs the operation, never from two at once (`_funnel`).
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
         return conn
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], _T], *, ensure_open: bool = True) -> _T:
-        if ensure_open and not self._opened:
+    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `fn` on this process's connection, batched with whatever else is waiting.
+
+        Operations queue up while one batch runs; the next batch runs all of them in a single
+        transaction (each in its own savepoint, so one failing rolls back only itself) and one
+        commit, i.e. one fsync for many writes. Like a thread call, an operation that has been
+        queued is finished before a cancellation reaches its caller.
+        """
+        if not self._opened:
             async with self._open_lock:  # many first calls at once open the file once
                 if not self._opened:
                     await self.open()
+        op = _Operation(fn)
+        self._queue.append(op)
+        with anyio.CancelScope(shield=True):
+            while not op.finished:
+                if self._draining:
+                    await op.wake.wait()
+                    op.wake = anyio.Event()
+                    continue
+                self._draining = True
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    await anyio.to_thread.run_sync(self._execute, batch, limiter=self._funnel)
+                finally:
+                    self._draining = False
+                    for other in batch:
+                        other.wake.set()
+                    if self._queue:  # hand the next batch to a caller that is waiting for it
+                        self._queue[0].wake.set()
+        if op.error is not None:
+            if isinstance(op.error, sqlite3.Error):
+                raise errors.StorageError(f"task ledger {self.path}: {op.error}") from op.error
+            raise op.error
+        return op.result
 
-        def work() -> _T:
-            conn = self._connect()
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._connect()
+        return self._conn
+
+    def _execute(self, batch: builtins.list[_Operation]) -> None:
+        """In the worker thread: one operation alone, or several in one transaction."""
+        conn = self._connection()
+        if len(batch) == 1:
+            op = batch[0]
             try:
-                return fn(conn)
-            finally:
-                conn.close()
-
+                op.result = op.fn(conn)
+            except BaseException as exc:
+                op.error = exc
+                self._reset(conn)
+            op.finished = True
+            return
         try:
-            return await anyio.to_thread.run_sync(work)
-        except sqlite3.Error as exc:
-            raise errors.StorageError(f"task ledger {self.path}: {exc}") from exc
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    op.result = op.fn(conn)
+                except BaseException as exc:
+                    op.error = exc
+                    conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # no lock within the busy timeout, or the commit failed
+            self._reset(conn)
+            for op in batch:
+                op.result, op.error = None, op.error or exc
+        finally:
+            for op in batch:
+                op.finished = True
+
+    def _reset(self, conn: sqlite3.Connection) -> None:
+        """Never leave the shared connection inside a transaction."""
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._conn = None
+            conn.close()
 
     async def open(self) -> None:
         """Create the directory, switch to WAL and create or migrate the schema; idempotent."""
@@ -263,7 +364,19 @@ class TaskLedger:
             await anyio.to_thread.run_sync(lambda: self.path.parent.mkdir(parents=True, exist_ok=True))
         except OSError as exc:
             raise errors.StorageError(f"cannot create the ledger directory {self.path.parent}: {exc}") from exc
-        await self._run(setup, ensure_open=False)
+
+        def setup_alone() -> None:  # never batched: journal_mode cannot change inside a transaction
+            conn = self._connection()
+            try:
+                setup(conn)
+            except BaseException:
+                self._reset(conn)
+                raise
+
+        try:
+            await anyio.to_thread.run_sync(setup_alone, limiter=self._funnel)
+        except sqlite3.Error as exc:
+            raise errors.StorageError(f"task ledger {self.path}: {exc}") from exc
         self._opened = True
 
     # --- reading ----------------------------------------------------------------------------

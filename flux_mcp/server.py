@@ -76,6 +76,7 @@ def _lifespan(settings: Settings, options: ServerOptions) -> Callable[[MCPServer
             async def close() -> None:  # the service exists only if a call used it (see AppState)
                 if state.service_built:
                     await state.service.client.aclose()
+                    await state.service.ledger.aclose()
 
             stack.push_async_callback(close)
             yield state
