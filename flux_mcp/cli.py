@@ -37,6 +37,8 @@ def _load_settings(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> None:
     settings = _load_settings(args)
     _configure_logging(settings.log_level)
+    if settings.public_url and args.transport != "http":
+        logging.getLogger(__name__).warning("FLUX_MCP_PUBLIC_URL applies to --transport http only; polling instead")
     if args.transport == "http":
         from flux_mcp.http_app import serve_http
 

@@ -31,11 +31,14 @@ Adding a route (the PiAPI webhook receiver, `/gallery`, ...): write a function
 add it to `_route_factories()` below (one line, imported there so the stdio server never loads it).
 Your routes get the Host/Origin check; they do not need the token unless you wrap the endpoint
 with `require_token(endpoint, settings)` (a webhook cannot send our token; a page that spends or
-shows the user's images should). Paths are yours to choose; `/mcp` is taken.
+shows the user's images should). Paths are yours to choose; `/mcp` is taken. The webhook receiver
+(`flux_mcp/webhooks.py`, with FLUX_MCP_PUBLIC_URL) is wired in `build_http_app` instead, because it
+shares the MCP server's state; the public URL's host name is an allowed `Host`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import ipaddress
 import socket
@@ -43,6 +46,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
@@ -134,6 +138,8 @@ def allowed_host_names(settings: Settings, host: str) -> list[str]:
         if not address.is_unspecified:  # 0.0.0.0 and :: are not names anyone sends
             names.append(f"[{address}]" if address.version == 6 else str(address))
     names.extend(settings.allowed_hosts)
+    if settings.public_url:  # the name PiAPI's webhooks arrive under
+        names.append((urlsplit(settings.public_url).hostname or "").lower())
     return list(dict.fromkeys(names))
 
 
@@ -181,6 +187,11 @@ def build_http_app(settings: Settings, *, host: str = "127.0.0.1", options: Serv
     """The ASGI app for `serve --transport http`, with a fresh MCP server inside. Raises
     `ConfigurationError` before anything listens (missing key, unsafe exposure)."""
     check_exposure(settings, host)
+    options = options or ServerOptions()
+    if settings.public_url and options.receiver is None:
+        from flux_mcp.webhooks import WebhookReceiver
+
+        options = dataclasses.replace(options, receiver=WebhookReceiver(settings))
     server = create_server(settings, options)
     security = transport_security(settings, host)
     sdk_app = server.streamable_http_app(
@@ -193,6 +204,8 @@ def build_http_app(settings: Settings, *, host: str = "127.0.0.1", options: Serv
     routes: list[BaseRoute] = [Route(MCP_PATH, endpoint=require_token(sdk_app, settings))]
     for factory in _route_factories():
         routes.extend(factory(settings))
+    if options.receiver is not None:  # PiAPI's webhooks (FLUX_MCP_PUBLIC_URL): the secret is their auth
+        routes.extend(options.receiver.routes())
     middleware = [Middleware(HostCheck, security=security)]
     if settings.auth_token is not None:
         verifier = StaticTokenVerifier(settings.auth_token.get_secret_value())

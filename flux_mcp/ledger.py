@@ -445,6 +445,26 @@ class TaskLedger:
 
         return await self._run(query)
 
+    async def recent_timings(self, limit: int = 1000) -> builtins.list[tuple[str, str, dict[str, Any], TaskRecord]]:
+        """`(model, task_type, request input, PiAPI record)` of the newest completed tasks, newest
+        first: what the poll planner learns durations from at start-up."""
+
+        def query(conn: sqlite3.Connection) -> builtins.list[tuple[str, str, dict[str, Any], TaskRecord]]:
+            rows = conn.execute(
+                "SELECT model, task_type, payload_json, record_json FROM tasks "
+                "WHERE status = 'completed' AND record_json IS NOT NULL ORDER BY updated_at DESC LIMIT ?",
+                (max(0, limit),),
+            ).fetchall()
+            found = []
+            for row in rows:
+                task_input = json.loads(row["payload_json"]).get("input")
+                task_input = task_input if isinstance(task_input, dict) else {}
+                record = TaskRecord.model_validate_json(row["record_json"])
+                found.append((row["model"], row["task_type"], task_input, record))
+            return found
+
+        return await self._run(query)
+
     async def images(self, task_id: str) -> builtins.list[SavedImageRow]:
         entry = await self.get(task_id)
         return entry.images if entry is not None else []

@@ -7,10 +7,13 @@
   the same request (same `idempotency_key`, or the same payload within the window) re-attaches to
   the task already paid for. A create whose outcome is unknown is recorded as `uncertain` and
   reported as `submit_uncertain`; it is never resubmitted behind the caller's back.
-- `wait`: polls with `polling.wait_for_task`, writes every status change to the ledger, and at
-  the deadline returns the live record (the task id is never lost).
+- `wait`: polls with `polling.wait_for_task` on the learned schedule of `polling.PollPlanner`,
+  wakes at once when a pushed update arrives (`push.TaskEvents`), writes every status change to
+  the ledger (one transaction each), and at the deadline returns the live record (the task id is
+  never lost).
 - `finish`: a completed task's images are downloaded exactly once (a ledger lease arbitrates
-  between processes) into the output directory, with sidecars.
+  between processes) into the output directory, with sidecars, all images of a batch at once.
+  Its PiAPI timings teach the planner.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from flux_mcp.catalog import TaskRequest, TaskType
 from flux_mcp.files import ImageStore, InputResolver, fetch_image, make_thumbnail
 from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id, owner_is_gone
 from flux_mcp.parameters import build_request
-from flux_mcp.polling import DEFAULT_POLICY, OnUpdate, PollPolicy, wait_for_task
+from flux_mcp.polling import OnUpdate, PolicySchedule, PollPlanner, PollPolicy, Schedule, wait_for_task
+from flux_mcp.push import TaskEvents
 from flux_mcp.record import TaskError, TaskRecord
 from flux_mcp.settings import Settings
 from flux_mcp.spend import SpendGuard, day_start
+from flux_mcp.timing import TaskKind
 
 if TYPE_CHECKING:  # the HTTP client (httpx) is loaded by whoever builds the service, on first use
     from flux_mcp.client import CancelOutcome, PiAPIClient
@@ -91,20 +96,30 @@ class TaskService:
         *,
         store: ImageStore | None,
         resolver: InputResolver,
-        policy: PollPolicy = DEFAULT_POLICY,
+        policy: PollPolicy | None = None,
+        planner: PollPlanner | None = None,
+        events: TaskEvents | None = None,
+        webhook: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
+        """`policy` fixes the poll intervals (default: the planner's learned schedule). `webhook`
+        (`{endpoint, secret}`) is our own receiver: every create asks PiAPI to push to it, and
+        polling becomes a sparse safety net; `events` is where its pushes arrive."""
         self.settings = settings
         self.client = client
         self.ledger = ledger
         self.store = store
         self.resolver = resolver
         self.policy = policy
+        self.planner = planner or PollPlanner(budget=settings.poll_budget, clock=clock)
+        self.events = events or TaskEvents()
+        self.webhook = webhook
         self._clock = clock
         self._sleep = sleep
         self._owner = new_owner_id()
         self.guard = SpendGuard(settings.daily_budget_usd, settings.confirm_above_usd)
+        self._timings_loaded = False
 
     # --- before anything is sent ------------------------------------------------------------
 
@@ -178,10 +193,15 @@ class TaskService:
         # ledger: the create and its recording run shielded (bounded), and a cancelled caller then
         # cancels the task at PiAPI through its normal path.
         record: TaskRecord | None = None
+        if self.webhook is not None:  # our own receiver takes the webhook slot (after the fingerprint)
+            payload = {**payload, "config": {**(payload.get("config") or {}), "webhook_config": self.webhook}}
         with anyio.CancelScope(shield=True) as shielded:
             shielded.deadline = anyio.current_time() + self._create_deadline_seconds
             try:
+                sent = time.time()
                 record = await self.client.create_task(payload)
+                kind = TaskKind.of(record.model or payload["model"], payload["task_type"], payload.get("input"))
+                self.planner.note_created(record, kind, sent_wall=sent, answered_wall=time.time())
             except errors.SubmitUncertainError as exc:
                 # A task id the answer carried is stored with it, so the task can still be found.
                 await self.ledger.mark_uncertain(local_id, exc.message, task_id=exc.task_id)
@@ -255,42 +275,79 @@ class TaskService:
     ) -> TaskOutcome:
         """Wait up to `timeout` seconds, then `finish` whatever state the task is in."""
         last_known = None
-        if initial is None and (entry := await self.ledger.get(task_id)) is not None and entry.record:
-            # A finished task needs no GET; a running one is polled, with the ledger as fallback.
-            initial, last_known = (entry.record, None) if entry.record.is_terminal else (None, entry.record)
+        kind = self.planner.kind_of(task_id)
+        if initial is None and (entry := await self.ledger.get(task_id)) is not None:
+            kind = kind or TaskKind.of(entry.model, entry.task_type, entry.payload.get("input"))
+            if entry.record:
+                # A finished task needs no GET; a running one is polled, with the ledger as fallback.
+                initial, last_known = (entry.record, None) if entry.record.is_terminal else (None, entry.record)
         last_status = initial.status if initial is not None else None
+        recorded: LedgerEntry | None = None
         deadline = self._clock() + timeout
+        await self._load_timings()
 
         async def record_then_report(record: TaskRecord, elapsed: float) -> None:
-            nonlocal last_status
+            nonlocal last_status, recorded
             if record.status != last_status:
                 last_status = record.status
-                await self.ledger.record(record)
+                recorded = await self.ledger.record(record)
             if on_update is not None:
                 await on_update(record, elapsed)
 
         try:
-            record = await wait_for_task(
-                self._get_rechecked,
-                task_id,
-                timeout=timeout,
-                on_update=record_then_report,
-                policy=self.policy,
-                clock=self._clock,
-                sleep=self._sleep,
-                initial=initial,
-                last_known=last_known,
-            )
+            with self.events.subscribe(task_id) as inbox:
+                record = await wait_for_task(
+                    self._get_rechecked,
+                    task_id,
+                    timeout=timeout,
+                    on_update=record_then_report,
+                    schedule=self._schedule(task_id, kind),
+                    clock=self._clock,
+                    sleep=self._sleep,
+                    initial=initial,
+                    last_known=last_known,
+                    inbox=inbox,
+                    on_poll=lambda: self.planner.count_poll(task_id),
+                )
         except errors.NotFoundError:
             return await self._forgotten(task_id)
-        return await self.finish(record, patience=max(0.0, deadline - self._clock()))
+        if recorded is not None and recorded.record != record:
+            recorded = None
+        return await self.finish(record, patience=max(0.0, deadline - self._clock()), recorded=recorded, kind=kind)
 
-    async def finish(self, record: TaskRecord, *, patience: float = 0.0) -> TaskOutcome:
-        """Record the latest state and, for a completed task, make sure local copies exist.
+    def _schedule(self, task_id: str, kind: TaskKind | None) -> Schedule:
+        if self.policy is not None:
+            return PolicySchedule(self.policy)
+        return self.planner.schedule(task_id, kind, push=self.webhook is not None)
+
+    async def _load_timings(self) -> None:
+        """Once per process: learn from the ledger's recent finished tasks (bounded)."""
+        if self._timings_loaded:
+            return
+        self._timings_loaded = True
+        try:
+            rows = await self.ledger.recent_timings()
+        except errors.FluxError as exc:
+            log.warning("could not read past task timings: %s", exc.message)
+            return
+        self.planner.learn_from(rows)
+
+    async def finish(
+        self,
+        record: TaskRecord,
+        *,
+        patience: float = 0.0,
+        recorded: LedgerEntry | None = None,
+        kind: TaskKind | None = None,
+    ) -> TaskOutcome:
+        """Record the latest state (unless `recorded`, the ledger's entry written for exactly this
+        record, is given) and, for a completed task, make sure local copies exist.
 
         `patience` is how long to wait for another process that is saving the same images.
         """
-        entry = await self.ledger.record(record)
+        entry = recorded if recorded is not None else await self.ledger.record(record)
+        if record.is_terminal:
+            self.planner.learn(record.task_id, record, kind)
         outcome = TaskOutcome(record=record, images=list(entry.images))
         if record.status != "completed" or self.store is None or not record.image_urls:
             return outcome
@@ -324,34 +381,45 @@ class TaskService:
     async def _download_missing(
         self, record: TaskRecord, entry: LedgerEntry, rows: dict[int, SavedImageRow], notes: list[str]
     ) -> None:
-        assert self.store is not None
+        store = self.store
+        assert store is not None
         sidecar = {"model": record.model, "task_type": record.task_type, "tool": entry.tool, "request": entry.request}
-        for n, url in enumerate(record.image_urls):
-            if n in rows:
-                continue
-            await self.ledger.claim_downloads(record.task_id, self._owner)  # renews the lease
+
+        async def save(n: int, url: str) -> None:
             try:
-                rows[n] = await self.store.save(self.client, task_id=record.task_id, n=n, url=url, sidecar=sidecar)
+                rows[n] = await store.save(self.client, task_id=record.task_id, n=n, url=url, sidecar=sidecar)
             except errors.FluxError as exc:
                 log.warning("could not save image %d of %s: %s", n, record.task_id, exc.message)
                 notes.append(f"image {n} was not saved locally ({exc.message}); its URL is temporary")
                 rows[n] = SavedImageRow(n=n, url=url, path=None, sha256=None, bytes=None)
 
+        # The images of a batch download at once (the lease claimed above covers them all).
+        async with anyio.create_task_group() as tg:
+            for n, url in enumerate(record.image_urls):
+                if n not in rows:
+                    tg.start_soon(save, n, url)
+
     async def previews(self, images: list[tuple[str, str | None]], *, limit: int = 4) -> list[tuple[bytes, str]]:
         """Thumbnails of up to `limit` images `(url, local path)`: from the local copy when there is
         one, else fetched into memory. A preview that fails is skipped; it never fails the call."""
-        previews = []
-        for url, path in images[:limit]:
+        previews: list[tuple[bytes, str] | None] = [None] * min(limit, len(images))
+
+        async def preview(i: int, url: str, path: str | None) -> None:
             try:
                 source: Path | bytes = (
                     Path(path)
                     if path
                     else await fetch_image(self.client, url, max_bytes=self.settings.max_download_bytes)
                 )
-                previews.append(await anyio.to_thread.run_sync(make_thumbnail, source))
+                previews[i] = await anyio.to_thread.run_sync(make_thumbnail, source)
             except errors.FluxError as exc:
                 log.warning("no preview of %s: %s", path or url, exc.message)
-        return previews
+
+        # Each thumbnail is made in its own worker thread, all at once.
+        async with anyio.create_task_group() as tg:
+            for i, (url, path) in enumerate(images[:limit]):
+                tg.start_soon(preview, i, url, path)
+        return [p for p in previews if p is not None]
 
     # --- the read side ----------------------------------------------------------------------
 

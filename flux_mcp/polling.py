@@ -1,26 +1,49 @@
-"""Waiting for a PiAPI task: a pluggable poll schedule and a deadline that never loses the task.
+"""Waiting for a PiAPI task: polls placed where completion is likely, and a deadline that never
+loses the task.
 
 `wait_for_task` polls until the task is terminal or the deadline passes, and then returns the
 *current* record either way: a task still running at the deadline is alive and resumable, not
 an error. `on_update` is called on every status change and as a heartbeat at least every
-`heartbeat_seconds`, with the elapsed time, so the MCP layer can turn it into real progress.
-A failing `on_update` is logged and ignored: describing a paid task must never abort it.
+`heartbeat_seconds`, with the elapsed time, so the MCP layer can turn it into real progress. A
+heartbeat reports the last known state and never costs a GET. A failing `on_update` is logged
+and ignored: describing a paid task must never abort it. Each poll is placed at an absolute time
+when it is scheduled, so the time a GET takes to answer never pushes the next one later. An
+`Inbox` (see `flux_mcp.push`) lets a pushed update (a webhook) end a sleep at once.
 
-Clock and sleep are injected, so tests run the whole schedule in milliseconds.
+Where the polls go is a `Schedule`:
+- `LearnedSchedule` (the default, built by `PollPlanner`): from the kind's queue and run
+  distributions (`flux_mcp.timing`), conditioned on what is known now (still pending some time
+  after `created_at`, or processing since `started_at`), the remaining polls of a per-task GET
+  budget go at equal steps of completion probability up to the 97th percentile, which is where
+  they detect completion soonest for their number. Past that (an outlier, or the budget spent)
+  the tail polls at growing intervals from a floor, so a task far past its expected end slows
+  down instead of hammering PiAPI. While a kind has no learned samples yet (the priors only),
+  the budget is one GET per `COLD_SECONDS_PER_GET` of expected time. A kind with no estimate at
+  all uses `FALLBACK`, a capped geometric schedule. With push delivery, polling is a sparse
+  safety net: one poll near the 90th percentile, then the tail.
+- `PolicySchedule`: a plain interval policy (`BackoffPolicy`), for tests and callers that want
+  fixed behaviour.
+
+Clock and sleep are injected, so tests run whole schedules in milliseconds.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
 
 import anyio
 
 from flux_mcp import errors
 from flux_mcp.record import TaskRecord
+from flux_mcp.settings import DEFAULT_POLL_BUDGET
+from flux_mcp.timing import Estimate, TaskKind, TimingStats
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +51,17 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 OnUpdate = Callable[[TaskRecord, float], Awaitable[None]]
 Fetch = Callable[[str], Awaitable[TaskRecord]]
+
+FINAL_POLL_GRACE_SECONDS = 1.0
+FINAL_POLL_FRESH_SECONDS = 1.0
+MIN_GAP_SECONDS = 0.1  # never two GETs for one task closer than this
+TAIL_FLOOR_SECONDS = 1.0
+TAIL_CAP_SECONDS = 15.0
+TAIL_GROWTH = 1.5
+P_LAST = 0.98  # the planned polls cover completion up to this probability; the tail does the rest
+P_PUSH = 0.9  # with push delivery, the one safety-net poll
+COLD_SECONDS_PER_GET = 3.0
+_STATUS_RANK = {"pending": 0, "processing": 1}
 
 
 class PollPolicy(Protocol):
@@ -38,11 +72,7 @@ class PollPolicy(Protocol):
 
 @dataclass(frozen=True)
 class BackoffPolicy:
-    """Quick first checks, then growing intervals capped at a few seconds (1, 1, 1.5, 2.25, 3, 3, ...).
-
-    The cap sets the detection lag of long tasks (about cap/2 on average); bench/poll_schedules.py
-    measures this schedule against the fixed and exponential ones other clients use.
-    """
+    """Quick first checks, then growing intervals capped at a few seconds (1, 1, 1.5, 2.25, 3, 3, ...)."""
 
     first: Sequence[float] = (1.0, 1.0)
     factor: float = 1.5
@@ -55,8 +85,163 @@ class BackoffPolicy:
         return min(self.cap, last * self.factor ** (attempt - len(self.first) + 1))
 
 
-DEFAULT_POLICY = BackoffPolicy()
-FINAL_POLL_GRACE_SECONDS = 1.0
+FALLBACK = BackoffPolicy()
+DEFAULT_POLICY = FALLBACK  # kept for callers that name a plain policy
+
+
+class Schedule(Protocol):
+    def next_poll(self, record: TaskRecord | None, *, now: float, scheduled: float) -> float:
+        """When to poll next (clock time), given the latest record seen at `now`; `scheduled` is
+        when the poll that produced it was due (or the wait's start)."""
+        ...
+
+
+class Inbox(Protocol):
+    """Pushed updates for one task (see `flux_mcp.push.TaskEvents.subscribe`)."""
+
+    async def wait(self, sleep: Sleep, seconds: float) -> None:
+        """Sleep up to `seconds`, or less if an update arrives."""
+        ...
+
+    def take(self) -> TaskRecord | None:
+        """The newest pushed record not yet taken, if any."""
+        ...
+
+
+@dataclass
+class PolicySchedule:
+    """A plain interval policy: poll n+1 is due `policy.interval(n)` after poll n was due."""
+
+    policy: PollPolicy = FALLBACK
+    attempt: int = 0
+
+    def next_poll(self, record: TaskRecord | None, *, now: float, scheduled: float) -> float:
+        due = scheduled + self.policy.interval(self.attempt)
+        self.attempt += 1
+        return due
+
+
+# --- the learned schedule ------------------------------------------------------------------------
+
+
+@dataclass
+class LearnedSchedule:
+    """Polls for one task, from its kind's estimate; see the module docstring."""
+
+    estimate: Estimate | None
+    budget: int
+    to_local: Callable[[datetime], float]  # PiAPI's timestamps on our clock
+    spent: Callable[[], int]  # GETs spent on this task so far (across waits)
+    push: bool = False
+    _fallback: PolicySchedule = field(default_factory=PolicySchedule)
+    _gap: float = 0.0  # the last interval, which the tail grows from
+
+    def next_poll(self, record: TaskRecord | None, *, now: float, scheduled: float) -> float:
+        due = self._plan(record, now=now, scheduled=scheduled)
+        due = max(due, now + MIN_GAP_SECONDS if self.spent() else now)
+        self._gap = max(MIN_GAP_SECONDS, due - max(now, scheduled))
+        return due
+
+    def _plan(self, record: TaskRecord | None, *, now: float, scheduled: float) -> float:
+        if self.estimate is None or record is None or record.created_at is None:
+            return self._fallback.next_poll(record, now=now, scheduled=scheduled)
+        if record.status == "processing" and record.started_at is not None:
+            base = self.to_local(record.started_at)
+            known: dict[str, float] = {"running_for": max(0.0, now - base)}
+        else:
+            base = self.to_local(record.created_at)
+            elapsed = max(0.0, now - base)
+            known = {"queued_for": elapsed if record.status == "pending" else 0.0, "elapsed": elapsed}
+        p_last = P_PUSH if self.push else P_LAST
+        last = base + self.estimate.completion_quantile(p_last, **known)
+        remaining = 1 if self.push else self.budget - self.spent()
+        if remaining <= 0 or now >= last - MIN_GAP_SECONDS / 2:
+            return self._tail(now, scheduled)
+        return base + self.estimate.completion_quantile(p_last / remaining, **known)
+
+    def _tail(self, now: float, scheduled: float) -> float:
+        gap = min(TAIL_CAP_SECONDS, max(TAIL_FLOOR_SECONDS, self._gap * TAIL_GROWTH))
+        return max(now, scheduled) + gap
+
+
+class PollPlanner:
+    """Per process: the timing statistics, the GET budget, and each task's GETs and clock anchor.
+
+    `to_local` maps a PiAPI timestamp onto the monotonic clock through the wall clock, corrected
+    by the offset between PiAPI's clock and ours measured at our own creates (`note_created`).
+    Per-task state is bounded (the most recent `MAX_TASKS`).
+    """
+
+    MAX_TASKS = 1024
+
+    def __init__(
+        self,
+        stats: TimingStats | None = None,
+        *,
+        budget: int = DEFAULT_POLL_BUDGET,
+        clock: Clock = time.monotonic,
+        wall: Clock = time.time,
+    ) -> None:
+        self.stats = stats or TimingStats()
+        self.budget = budget
+        self._clock = clock
+        self._wall = wall
+        self._skew = 0.0  # PiAPI's clock minus ours, seconds
+        self._spent: OrderedDict[str, int] = OrderedDict()
+        self._kinds: OrderedDict[str, TaskKind] = OrderedDict()
+
+    def _remember(self, table: OrderedDict[str, object], key: str, value: object) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.MAX_TASKS:
+            table.popitem(last=False)
+
+    def note_created(self, record: TaskRecord, kind: TaskKind, *, sent_wall: float, answered_wall: float) -> None:
+        """A create we sent between `sent_wall` and `answered_wall` (our wall clock) was stamped
+        `record.created_at` by PiAPI: that pins PiAPI's clock against ours."""
+        if record.created_at is not None:
+            self._skew = record.created_at.timestamp() - (sent_wall + answered_wall) / 2
+        self._remember(self._kinds, record.task_id, kind)  # type: ignore[arg-type]
+
+    def kind_of(self, task_id: str) -> TaskKind | None:
+        return self._kinds.get(task_id)
+
+    def to_local(self, moment: datetime) -> float:
+        return self._clock() - (self._wall() - (moment.timestamp() - self._skew))
+
+    def count_poll(self, task_id: str) -> None:
+        self._remember(self._spent, task_id, self._spent.get(task_id, 0) + 1)  # type: ignore[arg-type]
+
+    def spent(self, task_id: str) -> int:
+        return self._spent.get(task_id, 0)
+
+    def schedule(self, task_id: str, kind: TaskKind | None, *, push: bool = False) -> LearnedSchedule:
+        estimate = self.stats.estimate(kind) if kind is not None else None
+        budget = self.budget
+        if estimate is not None and not estimate.learned:
+            budget = min(budget, max(2, math.ceil(estimate.expected_total() / COLD_SECONDS_PER_GET)))
+        return LearnedSchedule(
+            estimate=estimate,
+            budget=budget,
+            to_local=self.to_local,
+            spent=lambda: self.spent(task_id),
+            push=push,
+        )
+
+    def learn_from(self, rows: Iterable[tuple[str, str, Mapping[str, Any], TaskRecord]]) -> None:
+        """Learn from `(model, task_type, request input, record)` rows, newest first (as
+        `TaskLedger.recent_timings` gives them), so the newest are kept when the bound bites."""
+        for model, task_type, task_input, record in reversed(list(rows)):
+            self.stats.learn(TaskKind.of(model, task_type, task_input), record)
+
+    def learn(self, task_id: str, record: TaskRecord, kind: TaskKind | None = None) -> None:
+        kind = kind or self._kinds.get(task_id)
+        if kind is not None:
+            self.stats.learn(kind, record)
+        self._spent.pop(task_id, None)
+
+
+# --- the wait ------------------------------------------------------------------------------------
 
 
 async def _notify(on_update: OnUpdate | None, record: TaskRecord, elapsed: float) -> None:
@@ -70,79 +255,121 @@ async def _notify(on_update: OnUpdate | None, record: TaskRecord, elapsed: float
         log.warning("progress update failed; continuing", exc_info=True)
 
 
+def is_newer(candidate: TaskRecord, current: TaskRecord | None) -> bool:
+    """Whether `candidate` moves the task forward: statuses only advance, a finished task never
+    moves back, and a repeat of the same status adds nothing."""
+    if current is None:
+        return True
+    if current.is_terminal:
+        return False
+    if candidate.is_terminal:
+        return True
+    return _STATUS_RANK.get(candidate.status, 1) > _STATUS_RANK.get(current.status, 1) or (
+        candidate.status == current.status and candidate.started_at is not None and current.started_at is None
+    )
+
+
 async def wait_for_task(
     fetch: Fetch,
     task_id: str,
     *,
     timeout: float,
     on_update: OnUpdate | None = None,
-    policy: PollPolicy = DEFAULT_POLICY,
+    policy: PollPolicy | None = None,
+    schedule: Schedule | None = None,
     heartbeat_seconds: float = 10.0,
     clock: Clock = time.monotonic,
     sleep: Sleep = anyio.sleep,
     initial: TaskRecord | None = None,
     last_known: TaskRecord | None = None,
+    inbox: Inbox | None = None,
+    on_poll: Callable[[], None] | None = None,
 ) -> TaskRecord:
     """Poll `fetch(task_id)` until terminal or `timeout` seconds pass; return the latest record.
 
     Transient fetch failures (retryable `FluxError`) are tolerated while time remains: the last
     known record is kept and polling continues. A non-retryable failure is raised.
 
-    `initial` is a state the caller has just seen (reported at once; the first GET waits one
-    interval). `last_known` is an older state (e.g. from the ledger): polled at once, but what is
-    returned if that poll cannot finish by the deadline.
+    `initial` is a state the caller has just seen (reported at once; the first GET waits for the
+    schedule). `last_known` is an older state (e.g. from the ledger): polled at once, but what is
+    returned if that poll cannot finish by the deadline. `schedule` places the polls (default: a
+    `PolicySchedule` of `policy`); `on_poll` is told of each GET.
     """
+    plan = schedule or PolicySchedule(policy or FALLBACK)
     start = clock()
     deadline = start + max(0.0, timeout)
-    record = initial
-    last_status: str | None = None
-    last_sent = start
-    attempt = 0
+    record = initial if initial is not None else last_known
+    reported: str | None = None
+    next_beat = start + heartbeat_seconds
 
-    async def pause() -> bool:
-        """Sleep until the next poll (never past the deadline or the next heartbeat)."""
-        nonlocal attempt
-        now = clock()
-        if now >= deadline:
-            return False
-        until_heartbeat = max(0.05, heartbeat_seconds - (now - last_sent))
-        await sleep(min(policy.interval(attempt), deadline - now, until_heartbeat))
-        attempt += 1
-        return True
+    async def report(latest: TaskRecord, now: float, *, beat: bool = False) -> None:
+        nonlocal reported, next_beat
+        if latest.status != reported or beat:
+            reported = latest.status
+            next_beat = now + heartbeat_seconds
+            await _notify(on_update, latest, now - start)
 
-    if initial is None:
-        record = last_known
+    if initial is not None:
+        # The caller has just seen the task (e.g. in the create response): report it, and let the
+        # schedule decide when the first GET is worth making.
+        await report(initial, start)
+        if initial.is_terminal:
+            return initial
+        next_poll = plan.next_poll(initial, now=start, scheduled=start)
     else:
-        # The caller has just seen the task (e.g. in the create response): report it, then wait
-        # one interval before the first GET instead of asking again at once.
-        last_status = record.status
-        await _notify(on_update, record, 0.0)
-        if record.is_terminal or not await pause():
-            return record
+        next_poll = start
+    last_poll: float | None = None
     while True:
-        try:
-            if record is None:  # nothing to return yet: this answer is needed, however long it takes
-                record = await fetch(task_id)
-            else:
-                # A poll (with the client's own retries and Retry-After sleeps) must not carry the
-                # wait past its deadline by more than a moment: past it, the last record stands.
-                with anyio.move_on_after(max(deadline - clock(), FINAL_POLL_GRACE_SECONDS)) as scope:
-                    record = await fetch(task_id)
-                if scope.cancelled_caught:
-                    log.info("poll of %s ran past the deadline; returning the last known state", task_id)
-                    return record
-        except errors.FluxError as exc:
-            if not exc.retryable or (record is None and clock() >= deadline):
-                raise
-            log.info("poll of %s failed (%s); will retry", task_id, exc.category)
         now = clock()
-        if record is not None and (record.status != last_status or now - last_sent >= heartbeat_seconds):
-            last_status = record.status
-            last_sent = now
-            await _notify(on_update, record, now - start)
-        if record is not None and record.is_terminal:
-            return record
-        if not await pause():
-            if record is None:  # pragma: no cover - guarded by the raise above
-                raise errors.RequestTimeoutError("no answer from PiAPI before the deadline", task_id=task_id)
-            return record
+        due = now >= next_poll or record is None
+        if record is not None and now >= deadline:
+            # One last look at the deadline, unless there was one just now (or no time at all).
+            if timeout <= 0 or (last_poll is not None and now - last_poll < FINAL_POLL_FRESH_SECONDS):
+                return record
+            due = True
+        if due:
+            scheduled = next_poll
+            last_poll = now
+            try:
+                if on_poll is not None:
+                    on_poll()
+                if record is None:  # nothing to return yet: this answer is needed, however long it takes
+                    record = await fetch(task_id)
+                else:
+                    # A poll (with the client's own retries and Retry-After sleeps) must not carry the
+                    # wait past its deadline by more than a moment: past it, the last record stands.
+                    with anyio.move_on_after(max(deadline - clock(), FINAL_POLL_GRACE_SECONDS)) as scope:
+                        answer = await fetch(task_id)
+                    if scope.cancelled_caught:
+                        log.info("poll of %s ran past the deadline; returning the last known state", task_id)
+                        return record
+                    if is_newer(answer, record) or answer.status == record.status:
+                        record = answer
+            except errors.FluxError as exc:
+                if not exc.retryable or (record is None and clock() >= deadline):
+                    raise
+                log.info("poll of %s failed (%s); will retry", task_id, exc.category)
+            now = clock()
+            if record is not None:
+                await report(record, now)
+                if record.is_terminal:
+                    return record
+            next_poll = plan.next_poll(record, now=now, scheduled=scheduled)
+            continue
+        wake = min(next_poll, next_beat, deadline)
+        if inbox is not None:
+            await inbox.wait(sleep, wake - now)
+            pushed = inbox.take()
+            if pushed is not None and is_newer(pushed, record):
+                record = pushed
+                now = clock()
+                await report(record, now)
+                if record.is_terminal:
+                    return record
+                next_poll = plan.next_poll(record, now=now, scheduled=now)  # knowledge changed: re-plan
+                continue
+        else:
+            await sleep(wake - now)
+        now = clock()
+        if now >= next_beat and now < deadline:
+            await report(record, now, beat=True)

@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
@@ -28,7 +29,6 @@ from flux_mcp import __version__
 from flux_mcp.catalog import describe_validation_error
 from flux_mcp.errors import InvalidInputError
 from flux_mcp.parameters import TASK_TOOLS
-from flux_mcp.polling import DEFAULT_POLICY, PollPolicy
 from flux_mcp.schemas import compact_output, strip_titles
 from flux_mcp.settings import Settings
 from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, register_tools
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import httpx
 
     from flux_mcp.lifecycle import TaskService
+    from flux_mcp.polling import PollPolicy
+    from flux_mcp.webhooks import WebhookReceiver
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,12 @@ INSTRUCTIONS = (
 
 @dataclass
 class ServerOptions:
-    """Test seams: an HTTP client (e.g. over `httpx.MockTransport`) and the polling clock."""
+    """Test seams: an HTTP client (e.g. over `httpx.MockTransport`), fixed poll intervals instead of
+    the learned schedule, and the polling clock; and the HTTP app's webhook receiver, if any."""
 
     http: httpx.AsyncClient | None = None
-    policy: PollPolicy = DEFAULT_POLICY
+    policy: PollPolicy | None = None
+    receiver: WebhookReceiver | None = None
     sleep: Callable[[float], Awaitable[None]] | None = None
 
 
@@ -72,6 +76,10 @@ def _lifespan(settings: Settings, options: ServerOptions) -> Callable[[MCPServer
             else:
                 base_url, api_key = settings.base_url, settings.require_api_key()
             state = AppState(settings, lambda: _build_service(settings, options, base_url, api_key))
+            if options.receiver is not None:  # webhooks finish tasks in the background, for the server's life
+                background = await stack.enter_async_context(anyio.create_task_group())
+                stack.callback(background.cancel_scope.cancel)  # runs first on the way out
+                options.receiver.attach(state, background)
 
             async def close() -> None:  # the service exists only if a call used it (see AppState)
                 if state.service_built:
@@ -108,6 +116,7 @@ def _build_service(settings: Settings, options: ServerOptions, base_url: str, ap
         store=store,
         resolver=resolver,
         policy=options.policy,
+        webhook=options.receiver.config if options.receiver is not None else None,
         **({"sleep": options.sleep} if options.sleep else {}),
     )
 

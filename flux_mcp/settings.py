@@ -22,6 +22,7 @@ DEFAULT_BASE_URL = "https://api.piapi.ai"
 
 IncludeImage = Literal["none", "thumbnail"]
 SIMULATED_SUBDIR = "simulator"
+DEFAULT_POLL_BUDGET = 14  # planned GETs per task; a typical task uses about half (bench/detection.py)
 
 
 def default_output_dir() -> Path:
@@ -87,6 +88,9 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     """Size cap per local input image."""
     request_timeout_seconds: float = Field(default=30.0, gt=0)
+    poll_budget: int = Field(default=DEFAULT_POLL_BUDGET, ge=1, le=100)
+    public_url: str | None = None
+    webhook_secret: SecretStr | None = None
     """Per-request HTTP timeout to PiAPI."""
     daily_budget_usd: float | None = Field(default=None, ge=0)
     """Most USD the task tools may spend per UTC day, across processes sharing the ledger; unset = no limit."""
@@ -140,6 +144,15 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (the base URL PiAPI can reach)")
         return value.rstrip("/")
 
     @field_validator("log_level", mode="before")

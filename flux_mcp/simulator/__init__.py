@@ -11,7 +11,7 @@ webhooks are delivered in PiAPI's format.
 
 from flux_mcp.simulator.app import DEFAULT_API_KEY, create_app
 from flux_mcp.simulator.render import output_size, render_png
-from flux_mcp.simulator.server import RunningSimulator, running_app, running_simulator, serve
+from flux_mcp.simulator.server import RunningSimulator, bind_socket, running_app, running_simulator, serve
 from flux_mcp.simulator.state import (
     DEFAULT_DURATIONS,
     PIAPI_LIKE_PROFILES,
@@ -36,6 +36,7 @@ __all__ = [
     "SimulatorConfig",
     "SimulatorState",
     "TimingProfile",
+    "bind_socket",
     "create_app",
     "output_size",
     "render_png",

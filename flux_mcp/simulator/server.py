@@ -64,15 +64,24 @@ class _InProcessServer(uvicorn.Server):
             await asyncio.sleep(0.01)
 
 
-@contextlib.asynccontextmanager
-async def running_app(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Serve any ASGI app (lifespan on) on `host` (port 0 = any free port); yields its base URL."""
+def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A bound loopback TCP socket (port 0 = any free port) for `running_app`."""
     # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP,
     # and without it every keep-alive response waits ~40 ms for a delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    bound_port = sock.getsockname()[1]
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def running_app(
+    app: Any, *, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
+) -> AsyncIterator[str]:
+    """Serve any ASGI app (lifespan on) on `host` (port 0 = any free port), or on `sock` from
+    `bind_socket` when the URL must be known before the app is built; yields its base URL."""
+    sock = sock or bind_socket(host, port)
+    host, bound_port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, lifespan="on")
     server = _InProcessServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

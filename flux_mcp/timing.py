@@ -1,0 +1,247 @@
+"""How long PiAPI takes: queue and run times per kind of task, learned from PiAPI's own timestamps.
+
+A task's life at PiAPI has two phases with different uncertainty: the queue (`meta.created_at` to
+`started_at`, which depends on PiAPI's load) and the run (`started_at` to `ended_at`, which depends
+on the model, the pixel count and the batch size, and varies little). `TimingStats` keeps both per
+`TaskKind` (model, task type, pixel-count bucket, batch size), from PiAPI's `meta` timestamps only,
+never from when we happened to poll, and fits each phase with a log-normal distribution (robustly:
+median and trimmed spread of the logs, widened for few samples).
+
+- Cold start: built-in priors per model (PiAPI's docs show a dev-advanced task at ~1.2 s queued +
+  ~31.5 s running; schnell and dev take ~4 s and ~20 s), scaled by pixel count and batch size and
+  deliberately wide. A kind learns from `MIN_SAMPLES` finished tasks on. A model without a prior
+  has no estimate: the poller then falls back to its capped geometric schedule.
+- Persistence: the samples are the ledger's own finished tasks (their stored request and PiAPI
+  record), so nothing extra is written; `TaskLedger.recent_timings` reads back a bounded number
+  of them at start-up, and every task finished afterwards is added online.
+- Bounds: at most `MAX_SAMPLES` recent samples per kind and `MAX_KINDS` kinds (least recently
+  used dropped), so memory stays small however long the server runs.
+
+`Estimate.completion_quantile` answers the poller's one question: given what is known right now
+(still pending `q` seconds after creation, or processing `a` seconds after `started_at`), by when
+is the task done with probability p?
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flux_mcp.catalog import DEFAULT_BATCH_SIZE, Model
+from flux_mcp.record import TaskRecord
+
+MIN_SAMPLES = 3
+MAX_SAMPLES = 64
+MAX_KINDS = 256
+MIN_SIGMA = 0.05  # log-space spread floor (5 %): a handful of samples can look more regular than PiAPI is
+_MEGAPIXEL = 1024 * 1024
+_NORMAL = statistics.NormalDist()
+_QUEUE_POINTS = 24  # quadrature points over the queue time when the run has not started
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    model: str
+    task_type: str
+    pixel_bucket: int  # round(log2(pixels / 1 MP)): 1 MP is 0, 2 MP is 1, 0.25 MP is -2
+    batch: int
+
+    @classmethod
+    def of(cls, model: str, task_type: str, task_input: Mapping[str, Any] | None) -> TaskKind:
+        task_input = task_input or {}
+        width, height = task_input.get("width"), task_input.get("height")
+        pixels = width * height if isinstance(width, int) and isinstance(height, int) else _MEGAPIXEL
+        pixels = max(pixels, 1)
+        batch = task_input.get("batch_size")
+        return cls(
+            model=model,
+            task_type=task_type,
+            pixel_bucket=round(math.log2(pixels / _MEGAPIXEL)),
+            batch=batch if isinstance(batch, int) and batch > 0 else DEFAULT_BATCH_SIZE,
+        )
+
+    @property
+    def work(self) -> float:
+        """Relative amount of work against a 1 MP single image (run time scales about linearly)."""
+        return 2.0**self.pixel_bucket * self.batch
+
+
+@dataclass(frozen=True)
+class LogNormal:
+    mu: float
+    sigma: float
+
+    @classmethod
+    def from_mean(cls, mean: float, spread: float) -> LogNormal:
+        sigma = math.sqrt(math.log1p(spread * spread))
+        return cls(math.log(mean) - sigma * sigma / 2, sigma)
+
+    def cdf(self, x: float) -> float:
+        return 0.0 if x <= 0 else _NORMAL.cdf((math.log(x) - self.mu) / self.sigma)
+
+    def quantile(self, p: float) -> float:
+        return math.exp(self.mu + self.sigma * _NORMAL.inv_cdf(min(max(p, 1e-9), 1 - 1e-9)))
+
+    @property
+    def median(self) -> float:
+        return math.exp(self.mu)
+
+    def above(self, x: float, p: float) -> float:
+        """The p-quantile of this distribution conditioned on being > x."""
+        low = self.cdf(x)
+        return max(x, self.quantile(low + p * (1 - low)))
+
+
+@dataclass(frozen=True)
+class Prior:
+    queue_seconds: float
+    run_seconds: float  # for 1 MP, one image
+
+
+# Wide on purpose (spread 1.0 for the queue, 0.35 for the run): they only have to beat a fixed
+# interval until a few tasks of the kind have finished.
+PRIORS: dict[str, Prior] = {
+    Model.SCHNELL.value: Prior(queue_seconds=0.8, run_seconds=3.5),
+    Model.DEV.value: Prior(queue_seconds=1.2, run_seconds=19.0),
+    Model.DEV_ADVANCED.value: Prior(queue_seconds=1.2, run_seconds=31.5),
+}
+PRIOR_QUEUE_SPREAD = 1.0
+PRIOR_RUN_SPREAD = 0.35
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Queue and run distributions for one kind, and how many finished tasks they rest on."""
+
+    queue: LogNormal
+    run: LogNormal
+    samples: int
+
+    @property
+    def learned(self) -> bool:
+        return self.samples >= MIN_SAMPLES
+
+    def expected_total(self) -> float:
+        return self.queue.median + self.run.median
+
+    def completion_quantile(
+        self, p: float, *, queued_for: float | None = None, running_for: float | None = None, elapsed: float = 0.0
+    ) -> float:
+        """Seconds after creation (or, with `running_for`, after the start) by which the task is done
+        with probability p, given what is known: it is still queued `queued_for` seconds after
+        creation, or has been running `running_for` seconds, and is not done `elapsed` seconds
+        after creation."""
+        if running_for is not None:
+            return self.run.above(running_for, p)
+        queued_for = max(0.0, queued_for or 0.0)
+        # T = Q + R with Q > queued_for: average R's cdf over quantiles of the conditional queue time.
+        low = self.queue.cdf(queued_for)
+        queue_points = [
+            max(queued_for, self.queue.quantile(low + (j + 0.5) / _QUEUE_POINTS * (1 - low)))
+            for j in range(_QUEUE_POINTS)
+        ]
+
+        def cdf(t: float) -> float:
+            return sum(self.run.cdf(t - q) for q in queue_points) / _QUEUE_POINTS
+
+        floor = max(queued_for, elapsed)
+        done = cdf(floor)
+        if done >= 1 - 1e-9:
+            return floor
+        target = done + p * (1 - done)
+        lo, hi = floor, queue_points[-1] + self.run.quantile(0.9999)
+        while hi - lo > 1e-3:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cdf(mid) < target else (lo, mid)
+        return hi
+
+
+def _fit(samples: Iterable[float], prior: LogNormal | None) -> LogNormal | None:
+    logs = sorted(math.log(max(s, 1e-3)) for s in samples)
+    if not logs:
+        return prior
+    centre = statistics.median(logs)
+    mad = statistics.median(abs(x - centre) for x in logs) * 1.4826
+    # Drop outliers (beyond 4 robust deviations) before measuring the spread.
+    kept = [x for x in logs if abs(x - centre) <= 4 * max(mad, MIN_SIGMA)] or logs
+    n = len(kept)
+    if n < 2:
+        return LogNormal(centre, max(MIN_SIGMA, mad)) if prior is None else prior
+    # The predictive spread of the next sample, widened for few samples (n=5: x1.3).
+    sigma = max(MIN_SIGMA, statistics.stdev(kept) * math.sqrt(1 + 1 / n) * (1 + 2 / n))
+    return LogNormal(statistics.fmean(kept), sigma)
+
+
+@dataclass(frozen=True)
+class Sample:
+    queue: float
+    run: float
+
+    @classmethod
+    def of(cls, record: TaskRecord) -> Sample | None:
+        """Queue and run time from PiAPI's meta timestamps; None unless all three are present and sane."""
+        if record.status != "completed" or not (record.created_at and record.started_at and record.ended_at):
+            return None
+        queue = (record.started_at - record.created_at).total_seconds()
+        run = (record.ended_at - record.started_at).total_seconds()
+        if queue < 0 or run <= 0 or queue + run > 24 * 3600:
+            return None
+        return cls(queue, run)
+
+
+class TimingStats:
+    """Recent queue/run samples per kind (bounded), and the estimates the poller plans with."""
+
+    def __init__(self, priors: Mapping[str, Prior] = PRIORS) -> None:
+        self._priors = priors
+        self._samples: OrderedDict[TaskKind, deque[Sample]] = OrderedDict()
+        self._cache: dict[TaskKind, Estimate | None] = {}
+
+    def add(self, kind: TaskKind, sample: Sample) -> None:
+        samples = self._samples.get(kind)
+        if samples is None:
+            samples = self._samples[kind] = deque(maxlen=MAX_SAMPLES)
+            while len(self._samples) > MAX_KINDS:
+                dropped, _ = self._samples.popitem(last=False)
+                self._cache.pop(dropped, None)
+        self._samples.move_to_end(kind)
+        samples.append(sample)
+        self._cache.pop(kind, None)
+
+    def learn(self, kind: TaskKind, record: TaskRecord) -> bool:
+        sample = Sample.of(record)
+        if sample is not None:
+            self.add(kind, sample)
+        return sample is not None
+
+    def samples(self, kind: TaskKind) -> list[Sample]:
+        return list(self._samples.get(kind, ()))
+
+    @property
+    def kinds(self) -> int:
+        return len(self._samples)
+
+    def estimate(self, kind: TaskKind) -> Estimate | None:
+        if kind not in self._cache:
+            self._cache[kind] = self._estimate(kind)
+        return self._cache[kind]
+
+    def _estimate(self, kind: TaskKind) -> Estimate | None:
+        prior = self._priors.get(kind.model)
+        samples = list(self._samples.get(kind, ()))
+        if len(samples) >= MIN_SAMPLES:
+            queue = _fit((s.queue for s in samples), None)
+            run = _fit((s.run for s in samples), None)
+            assert queue is not None and run is not None
+            return Estimate(queue=queue, run=run, samples=len(samples))
+        if prior is None:
+            return None
+        return Estimate(
+            queue=LogNormal.from_mean(prior.queue_seconds, PRIOR_QUEUE_SPREAD),
+            run=LogNormal.from_mean(prior.run_seconds * kind.work, PRIOR_RUN_SPREAD),
+            samples=len(samples),
+        )

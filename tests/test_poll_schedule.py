@@ -1,0 +1,334 @@
+"""The learned poll schedule on a fake clock: where polls go for known and unknown kinds, what
+conditioning on `started_at` changes, the GET budget and the tail, heartbeats without GETs,
+sleeps measured from the schedule, learning from and persisting to the ledger, and pushed updates.
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from flux_mcp.ledger import TaskLedger
+from flux_mcp.polling import (
+    MIN_GAP_SECONDS,
+    TAIL_CAP_SECONDS,
+    TAIL_FLOOR_SECONDS,
+    BackoffPolicy,
+    PollPlanner,
+    wait_for_task,
+)
+from flux_mcp.push import TaskEvents
+from flux_mcp.record import TaskRecord
+from flux_mcp.timing import MAX_KINDS, MAX_SAMPLES, PRIORS, Sample, TaskKind, TimingStats
+
+pytestmark = pytest.mark.anyio
+
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+DEV = TaskKind.of("Qubico/flux1-dev", "txt2img", {"width": 1024, "height": 1024})
+
+
+class FakeTime:
+    """One fake clock serving as both the monotonic and the wall clock (PiAPI's too)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+
+
+class FakeTask:
+    """A task at a fake PiAPI: queued `queue` s, then running `run` s; GETs are counted."""
+
+    def __init__(self, time: FakeTime, queue: float, run: float, *, get_seconds: float = 0.0) -> None:
+        self.time, self.queue, self.run = time, queue, run
+        self.created = time.now
+        self.gets: list[float] = []
+        self.get_seconds = get_seconds
+
+    def record(self) -> TaskRecord:
+        elapsed = self.time.now - self.created
+        status = "pending" if elapsed < self.queue else "processing" if elapsed < self.queue + self.run else "completed"
+        at = EPOCH + timedelta(seconds=self.created)
+        return TaskRecord(
+            task_id="t",
+            status=status,
+            created_at=at,
+            started_at=at + timedelta(seconds=self.queue) if status != "pending" else None,
+            ended_at=at + timedelta(seconds=self.queue + self.run) if status == "completed" else None,
+        )
+
+    async def fetch(self, task_id: str) -> TaskRecord:
+        self.gets.append(round(self.time.now - self.created, 3))
+        self.time.now += self.get_seconds
+        return self.record()
+
+    @property
+    def ends(self) -> float:
+        return self.created + self.queue + self.run
+
+
+def planner_for(time: FakeTime, **options) -> PollPlanner:
+    return PollPlanner(clock=time.clock, wall=lambda: EPOCH.timestamp() + time.now, **options)
+
+
+async def run(planner: PollPlanner, task: FakeTask, kind: TaskKind | None, *, timeout: float = 600, **options):
+    created = task.record()
+    wall = EPOCH.timestamp() + task.created
+    if kind is not None:
+        planner.note_created(created, kind, sent_wall=wall, answered_wall=wall)
+    record = await wait_for_task(
+        task.fetch,
+        "t",
+        timeout=timeout,
+        schedule=planner.schedule("t", kind),
+        clock=task.time.clock,
+        sleep=task.time.sleep,
+        initial=created,
+        on_poll=lambda: planner.count_poll("t"),
+        **options,
+    )
+    return record
+
+
+def learned(planner: PollPlanner, kind: TaskKind, runs: list[float], queue: float = 1.0) -> None:
+    for seconds in runs:
+        planner.stats.add(kind, Sample(queue=queue, run=seconds))
+
+
+# --- where the polls go ----------------------------------------------------------------------------
+
+
+async def test_a_learned_kind_polls_around_its_usual_end_and_detects_it_quickly():
+    time = FakeTime()
+    planner = planner_for(time)
+    learned(planner, DEV, [19.0, 19.5, 20.0, 20.5, 21.0])
+    task = FakeTask(time, queue=1.0, run=20.2)
+    record = await run(planner, task, DEV)
+    assert record.status == "completed"
+    assert all(at >= 15 for at in task.gets)  # nothing wasted early: the run alone takes ~20 s
+    assert len(task.gets) <= planner.budget
+    assert time.now - task.ends < 0.5
+
+
+async def test_a_cold_known_kind_uses_its_prior_and_a_small_budget():
+    time = FakeTime()
+    planner = planner_for(time)
+    estimate = planner.stats.estimate(DEV)
+    assert estimate is not None and not estimate.learned
+    task = FakeTask(time, queue=1.2, run=19.0)
+    await run(planner, task, DEV)
+    # one GET per 3 s of expected time at most before the tail (a fixed 4 s poller spends ~5)
+    assert len(task.gets) <= 7 and task.gets[0] > 5
+    assert PRIORS["Qubico/flux1-dev"].run_seconds == 19.0
+
+
+async def test_an_unknown_kind_falls_back_to_the_capped_geometric_schedule():
+    time = FakeTime()
+    planner = planner_for(time)
+    kind = TaskKind.of("Qubico/flux2-pro", "txt2img", {})
+    assert planner.stats.estimate(kind) is None
+    task = FakeTask(time, queue=0.5, run=20)
+    await run(planner, task, kind)
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise([0.0, *task.gets])]
+    assert gaps[:5] == [1.0, 1.0, 1.5, 2.25, 3.0] and set(gaps[5:]) == {3.0}
+
+
+async def test_knowing_started_at_shifts_the_polls_by_the_queue_time():
+    """Only the remaining run time is uncertain once PiAPI says when the run started."""
+
+    async def polls_after_seeing_processing(queue: float) -> list[float]:
+        time = FakeTime()
+        planner = planner_for(time)
+        learned(planner, DEV, [19.0, 19.5, 20.0, 20.5, 21.0], queue=1.0)
+        task = FakeTask(time, queue=queue, run=20.0)
+        time.now = queue + 0.5  # we look once, just after the start
+        await task.fetch("t")
+        planner.count_poll("t")
+        schedule = planner.schedule("t", DEV)
+        seen = task.record()
+        assert seen.status == "processing" and seen.started_at is not None
+        return [round(schedule.next_poll(seen, now=time.now, scheduled=time.now), 3)]
+
+    early, late = await polls_after_seeing_processing(1.0), await polls_after_seeing_processing(6.0)
+    assert late[0] - early[0] == pytest.approx(5.0, abs=0.01)
+
+
+async def test_still_pending_means_the_run_has_not_started():
+    time = FakeTime()
+    planner = planner_for(time)
+    learned(planner, DEV, [19.0, 19.5, 20.0, 20.5, 21.0], queue=1.0)
+    task = FakeTask(time, queue=10.0, run=20.0)
+    time.now = 9.0
+    pending = task.record()
+    assert pending.status == "pending"
+    planner.count_poll("t")
+    due = planner.schedule("t", DEV).next_poll(pending, now=time.now, scheduled=time.now)
+    assert due >= 9.0 + 17  # at least most of a run is still ahead
+
+
+# --- budget, tail and bounds -----------------------------------------------------------------
+
+
+async def test_the_budget_caps_planned_gets_and_the_tail_slows_down_past_the_expected_end():
+    time = FakeTime()
+    planner = planner_for(time, budget=4)
+    learned(planner, DEV, [19.0, 19.5, 20.0, 20.5, 21.0])
+    task = FakeTask(time, queue=1.0, run=300.0)  # stuck far past anything seen
+    await run(planner, task, DEV)
+    gaps = [b - a for a, b in itertools.pairwise(task.gets)]
+    tail = gaps[4:]
+    assert all(g >= TAIL_FLOOR_SECONDS - 1e-6 for g in tail)
+    assert all(b >= a - 1e-6 for a, b in itertools.pairwise(tail))  # never speeds up again
+    assert max(gaps) <= TAIL_CAP_SECONDS + 1e-6
+    assert len(task.gets) < 4 + 300 / TAIL_CAP_SECONDS + 10
+    assert min(gaps) >= MIN_GAP_SECONDS - 1e-6
+
+
+async def test_the_budget_is_per_task_across_waits():
+    time = FakeTime()
+    planner = planner_for(time, budget=4)
+    learned(planner, DEV, [19.0, 19.5, 20.0, 20.5, 21.0])
+    task = FakeTask(time, queue=1.0, run=100.0)
+    await run(planner, task, DEV, timeout=25)
+    assert planner.spent("t") == len(task.gets)
+    first = len(task.gets)
+    record = task.record()
+    due = planner.schedule("t", DEV).next_poll(record, now=time.now, scheduled=time.now)
+    assert due - time.now >= TAIL_FLOOR_SECONDS  # a new wait does not get a fresh budget
+    assert first >= 4
+
+
+def test_statistics_are_bounded_and_robust_to_outliers():
+    stats = TimingStats()
+    for i in range(MAX_SAMPLES + 50):
+        stats.add(DEV, Sample(queue=1.0, run=20.0 + (i % 5) * 0.1))
+    assert len(stats.samples(DEV)) == MAX_SAMPLES
+    stats.add(DEV, Sample(queue=1.0, run=2000.0))  # one wild outlier
+    estimate = stats.estimate(DEV)
+    assert estimate is not None and 19.5 < estimate.run.median < 20.7 and estimate.run.sigma < 0.1
+    for n in range(MAX_KINDS + 10):
+        stats.add(TaskKind("m", "txt2img", n, 1), Sample(queue=1, run=1))
+    assert stats.kinds == MAX_KINDS
+    assert stats.samples(DEV) == [] and not stats.estimate(DEV).learned  # the oldest kind went first
+
+
+def test_kinds_bucket_pixels_and_batches():
+    one = TaskKind.of("Qubico/flux1-schnell", "txt2img", {"width": 1024, "height": 1024})
+    assert one == TaskKind.of("Qubico/flux1-schnell", "txt2img", {"width": 1000, "height": 1100})
+    assert one.pixel_bucket == 0 and one.batch == 1
+    assert TaskKind.of("Qubico/flux1-schnell", "txt2img", {"width": 512, "height": 512}).pixel_bucket == -2
+    assert TaskKind.of("Qubico/flux1-schnell", "txt2img", {"batch_size": 4}).batch == 4
+    assert TaskKind.of("Qubico/flux1-schnell", "txt2img", None) == one  # no size given: PiAPI's 1 MP default
+
+
+# --- heartbeats, drift, pushes ------------------------------------------------------------------
+
+
+async def test_heartbeats_come_from_the_last_known_state_and_never_cost_a_get():
+    async def gets(heartbeat: float) -> tuple[int, list[float]]:
+        time = FakeTime()
+        planner = planner_for(time)
+        learned(planner, DEV, [30.0, 31.0, 32.0, 33.0, 34.0])
+        task = FakeTask(time, queue=1.0, run=32.0)
+        beats: list[float] = []
+
+        async def on_update(record, elapsed):
+            beats.append(elapsed)
+
+        await run(planner, task, DEV, heartbeat_seconds=heartbeat, on_update=on_update)
+        return len(task.gets), beats
+
+    quiet, _ = await gets(1e9)
+    chatty, beats = await gets(2.0)
+    assert chatty == quiet
+    assert max(b - a for a, b in itertools.pairwise(beats)) <= 2.0 + 1e-9 and len(beats) >= 16
+
+
+async def test_sleeps_are_measured_from_when_each_poll_was_scheduled():
+    time = FakeTime()
+    task = FakeTask(time, queue=0.0, run=7.0, get_seconds=0.4)  # every GET takes 0.4 s to answer
+    await wait_for_task(
+        task.fetch, "t", timeout=60, policy=BackoffPolicy(), clock=time.clock, sleep=time.sleep, initial=task.record()
+    )
+    assert task.gets == [1.0, 2.0, 3.5, 5.75, 8.75]  # not 1.0, 2.4, 4.3, ...
+
+
+class FakeInbox:
+    def __init__(self, time: FakeTime, push_at: float, record: TaskRecord) -> None:
+        self.time, self.push_at, self.pending = time, push_at, record
+
+    async def wait(self, sleep, seconds):
+        if self.pending is not None and self.time.now + seconds >= self.push_at:
+            self.time.now = max(self.time.now, self.push_at)
+            return
+        await sleep(seconds)
+
+    def take(self):
+        if self.pending is not None and self.time.now >= self.push_at:
+            record, self.pending = self.pending, None
+            return record
+        return None
+
+
+async def test_a_pushed_update_ends_the_wait_at_once_without_a_get():
+    time = FakeTime()
+    planner = planner_for(time)
+    learned(planner, DEV, [19.0, 19.5, 20.0, 20.5, 21.0])
+    task = FakeTask(time, queue=1.0, run=15.0)
+    done = TaskRecord(task_id="t", status="completed", image_urls=["u"])
+    record = await run(planner, task, DEV, inbox=FakeInbox(time, 16.0, done))
+    assert record is done and time.now == 16.0 and task.gets == []
+
+
+async def test_task_events_wake_only_the_waiters_of_that_task():
+    import anyio
+
+    events = TaskEvents()
+    done = TaskRecord(task_id="a", status="completed")
+    with events.subscribe("a") as inbox_a, events.subscribe("b") as inbox_b:
+        relayed: list[str] = []
+        events.add_listener(lambda record: relayed.append(record.task_id))
+        with anyio.fail_after(2):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(inbox_a.wait, anyio.sleep, 30)
+                await anyio.sleep(0)
+                assert events.publish(done) is True
+        assert inbox_a.take() is done and inbox_b.take() is None and relayed == ["a"]
+        assert events.publish(TaskRecord(task_id="a", status="processing")) is True
+        assert inbox_a.take() is None  # nothing moves a finished task back
+    assert events.publish(done) is False and not events.waiting("a")
+
+
+# --- learning from and persisting to the ledger ------------------------------------------------
+
+
+async def test_timings_are_learned_from_finished_tasks_and_survive_a_restart(tmp_path):
+    ledger = TaskLedger(tmp_path / "tasks.sqlite3")
+    for i in range(6):
+        at = EPOCH + timedelta(minutes=i)
+        await ledger.record(
+            TaskRecord(
+                task_id=f"t{i}",
+                model="Qubico/flux1-dev",
+                task_type="txt2img",
+                status="completed",
+                created_at=at,
+                started_at=at + timedelta(seconds=1.5),
+                ended_at=at + timedelta(seconds=21.5),
+            )
+        )
+    await ledger.record(TaskRecord(task_id="running", model="Qubico/flux1-dev", task_type="txt2img"))
+
+    restarted = PollPlanner()  # a new process: nothing in memory
+    restarted.learn_from(await TaskLedger(tmp_path / "tasks.sqlite3").recent_timings())
+    samples = restarted.stats.samples(DEV)
+    assert len(samples) == 6 and samples[0] == Sample(queue=1.5, run=20.0)
+    estimate = restarted.stats.estimate(DEV)
+    assert estimate is not None and estimate.learned and estimate.run.median == pytest.approx(20.0, rel=0.01)
+    assert len(await ledger.recent_timings(limit=2)) == 2
