@@ -11,9 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pydantic import ValidationError
-
 from flux_mcp.settings import ConfigurationError, Settings
+from flux_mcp.startup import load_settings
 
 
 def _configure_logging(level: str) -> None:
@@ -26,12 +25,7 @@ def _load_settings(args: argparse.Namespace) -> Settings:
     overrides = {}
     if getattr(args, "simulate", False):
         overrides["simulate"] = True
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = str(first["loc"][0]) if first["loc"] else "settings"
-        raise ConfigurationError(f"invalid setting {name}: {first['msg']}") from None
+    return load_settings(**overrides)
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -31,6 +31,7 @@ from flux_mcp.errors import InvalidInputError
 from flux_mcp.parameters import TASK_TOOLS
 from flux_mcp.schemas import compact_output, strip_titles
 from flux_mcp.settings import Settings
+from flux_mcp.startup import check_folders
 from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, register_tools
 
 if TYPE_CHECKING:
@@ -169,6 +170,7 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
     settings = settings or Settings()
     if not settings.simulate:
         settings.require_api_key()
+    check_folders(settings)
     options = options or ServerOptions()
     mcp = FluxServer(
         "piapi-flux-mcp",

@@ -36,8 +36,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
     ("env", "expected"),
     [
         ({}, "PIAPI_API_KEY is not set"),
-        ({"PIAPI_API_KEY": "k", "PIAPI_BASE_URL": "ftp://example"}, "invalid setting PIAPI_BASE_URL"),
-        ({"PIAPI_API_KEY": "k", "FLUX_MCP_WAIT_SECONDS": "-1"}, "invalid setting wait_seconds"),
+        ({"PIAPI_API_KEY": "k", "PIAPI_BASE_URL": "ftp://example"}, "invalid setting PIAPI_BASE_URL='ftp://example'"),
+        ({"PIAPI_API_KEY": "k", "FLUX_MCP_WAIT_SECONDS": "-1"}, "invalid setting FLUX_MCP_WAIT_SECONDS='-1'"),
+        ({"FLUX_MCP_SIMULATE": "maybe"}, "invalid setting FLUX_MCP_SIMULATE='maybe'"),
+        ({"FLUX_MCP_SIMULATE": "1", "FLUX_MCP_ALLOWED_HOSTS": "ok.example,bad:80"}, "FLUX_MCP_ALLOWED_HOSTS="),
     ],
 )
 def test_bad_configuration_is_one_line_on_stderr_before_any_transport(env, expected):
@@ -62,6 +64,54 @@ def test_global_options_work_before_or_after_the_subcommand(argv):
     from flux_mcp.cli import _load_settings, build_parser
 
     assert _load_settings(build_parser().parse_args(argv)).simulate is True
+
+
+def test_a_secret_setting_is_named_but_its_value_never_shown():
+    result = run_cli(env={"FLUX_MCP_SIMULATE": "1", "FLUX_MCP_AUTH_TOKEN": "short-secret"}, timeout=30)
+    assert result.returncode == 2
+    assert "invalid setting FLUX_MCP_AUTH_TOKEN:" in result.stderr
+    assert "short-secret" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("variable", ["FLUX_MCP_DATA_DIR", "FLUX_MCP_OUTPUT_DIR"])
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_a_folder_that_is_a_file_stops_the_server_at_once_with_one_line(tmp_path, variable, transport):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file")
+    env = {
+        "FLUX_MCP_SIMULATE": "1",
+        "FLUX_MCP_DATA_DIR": str(tmp_path / "data"),
+        "FLUX_MCP_OUTPUT_DIR": str(tmp_path / "images"),
+        variable: str(blocker / "sub") if transport == "http" else str(blocker),
+    }
+    port = str(free_port())
+    result = run_cli("serve", "--transport", transport, "--port", port, env=env, timeout=30)
+    assert result.returncode == 2
+    assert result.stdout == ""  # nothing sent
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"piapi-flux-mcp: {variable}='{blocker}")
+    assert "not a writable folder" in lines[0]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user")
+def test_a_read_only_output_folder_stops_the_server(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        result = run_cli(
+            env={
+                "FLUX_MCP_SIMULATE": "1",
+                "FLUX_MCP_DATA_DIR": str(tmp_path / "data"),
+                "FLUX_MCP_OUTPUT_DIR": str(folder),
+            },
+            timeout=30,
+        )
+    finally:
+        folder.chmod(0o700)
+    assert result.returncode == 2
+    assert "FLUX_MCP_OUTPUT_DIR=" in result.stderr and "not a writable folder" in result.stderr
 
 
 def test_the_api_key_is_never_echoed():
