@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="end-to-end demo: every task type against the simulator", parents=[common])
-    demo.add_argument("--output-dir", default="demo-output", help="where the demo writes images and its ledger")
+    demo.add_argument(
+        "--output-dir", default="demo-output", help="each run writes its images and ledger to a new folder here"
+    )
     demo.set_defaults(func=_demo)
 
     sim = sub.add_parser("simulator", help="run the PiAPI simulator as a standalone HTTP server", parents=[common])

@@ -5,11 +5,14 @@ Starts the PiAPI simulator on loopback, launches `piapi-flux-mcp` as a stdio sub
 task tool once: text-to-image, image-to-image from a local file, LoRA, inpaint, outpaint,
 variation and ControlNet. It then shows a re-submission being re-attached instead of paid twice,
 a short wait that returns `processing` and is finished by `flux_wait_task`, and the ledger.
-Everything lands under the output directory: images with JSON sidecars, the ledger, inputs.
+Each run gets a fresh folder under the output directory (`run-<date>-<time>`) with its images and
+JSON sidecars, its ledger and its inputs, so a second run starts from nothing and re-attaches to
+nothing but its own repeat.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -63,13 +66,29 @@ def _line(result: Any) -> str:
     s = result.structured_content or {}
     images = s.get("images") or []
     status = "ERROR " + (s.get("error") or {}).get("message", "") if result.is_error else s.get("status")
-    return f"{status:<10} task {s.get('task_id')}  {len(images)} image(s)" + "".join(
+    again = " (re-attached)" if s.get("reattached") else ""
+    return f"{status:<10} task {s.get('task_id')}  {len(images)} image(s){again}" + "".join(
         f"\n      {i.get('path') or i.get('url')}" for i in images
     )
 
 
+def _fresh_run_folder(base: Path) -> Path:
+    """A new folder under `base` for this run's images, ledger and inputs: a run never sees an
+    earlier run's tasks, so nothing it does re-attaches to them."""
+    stamp = time.strftime("run-%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        folder = base / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return folder
+    raise AssertionError("unreachable")
+
+
 async def run_demo(output_dir: str = "demo-output") -> int:
-    out = Path(await anyio.Path(output_dir).absolute())
+    base = Path(await anyio.Path(output_dir).absolute())
+    out = await anyio.to_thread.run_sync(_fresh_run_folder, base)
     inputs = await anyio.to_thread.run_sync(_write_inputs, out / "inputs")
     print(f"piapi-flux-mcp demo - everything goes to {out}\n")
     failures = 0
@@ -113,7 +132,11 @@ async def run_demo(output_dir: str = "demo-output") -> int:
                 "flux_redux_variation", {"prompt": "a slow one", "image": inputs["photo"], "wait_seconds": 0.5}
             )
             task_id = (first.structured_content or {}).get("task_id")
-            print(f"      first call: {(first.structured_content or {}).get('status')} task {task_id}")
+            first_status = (first.structured_content or {}).get("status")
+            print(f"      first call: {first_status} task {task_id}")
+            if first_status != "processing":
+                print("      (expected 'processing': the task should have outlived its 0.5 s wait)")
+                failures += 1
             done = await client.call_tool("flux_wait_task", {"task_id": task_id, "wait_seconds": 30})
             print(f"      flux_wait_task: {_line(done)}")
             failures += bool(done.is_error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -164,13 +165,24 @@ def test_standalone_simulator_completes_the_seed_request_with_a_downloadable_png
 
 
 @pytest.mark.slow
-def test_demo_runs_every_task_tool_to_completion(tmp_path):
-    result = run_cli("demo", "--output-dir", str(tmp_path / "demo"), timeout=180)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "all tools completed" in result.stdout
-    assert "reattached=True" in result.stdout
-    images = sorted((tmp_path / "demo" / "images").glob("*.png"))
-    sidecars = sorted((tmp_path / "demo" / "images").glob("*.json"))
-    assert len(images) == len(sidecars) >= 10
-    assert json.loads(sidecars[0].read_text())["sha256"]
-    assert (tmp_path / "demo" / "data" / "tasks.sqlite3").is_file()
+def test_demo_runs_every_task_tool_to_completion_in_fresh_state_each_run(tmp_path):
+    runs = []
+    for _ in range(2):  # a second run straight after the first sees none of its tasks
+        result = run_cli("demo", "--output-dir", str(tmp_path / "demo"), timeout=180)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "all tools completed" in result.stdout
+        assert "reattached=True" in result.stdout  # its own repeat, and only that
+        assert "(re-attached)" not in result.stdout
+        assert "first call: processing" in result.stdout  # the task did outlive its wait
+        runs.append(result.stdout)
+    folders = sorted((tmp_path / "demo").iterdir())
+    assert len(folders) == 2
+    for folder in folders:
+        images = sorted((folder / "images").glob("*.png"))
+        sidecars = sorted((folder / "images").glob("*.json"))
+        assert len(images) == len(sidecars) >= 10
+        assert json.loads(sidecars[0].read_text())["sha256"]
+        assert (folder / "data" / "tasks.sqlite3").is_file()
+    task_id = re.compile(r"task ([0-9a-f]{8}-[0-9a-f-]{27})")
+    first_ids, second_ids = (set(task_id.findall(run)) for run in runs)
+    assert len(first_ids) >= 10 and not first_ids & second_ids
