@@ -1,4 +1,4 @@
-"""Command line: `piapi-flux-mcp` (stdio server), `serve`, `demo`, `simulator`.
+"""Command line: `piapi-flux-mcp` (stdio server), `serve`, `demo`, `simulator`, `gallery`.
 
 Configuration errors are reported as one line on stderr with exit code 2, before any transport
 opens. Logs always go to stderr: on stdio, stdout belongs to the protocol.
@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from flux_mcp.settings import ConfigurationError, Settings
 from flux_mcp.startup import load_settings
@@ -59,6 +60,16 @@ def _simulator(args: argparse.Namespace) -> None:
     serve(host=args.host, port=args.port, api_key=args.api_key)
 
 
+def _gallery(args: argparse.Namespace) -> None:
+    from flux_mcp.gallery.serve import serve_gallery
+
+    settings = _load_settings(args)
+    if args.data_dir:
+        settings = settings.model_copy(update={"data_dir": Path(args.data_dir).expanduser().resolve()})
+    _configure_logging(settings.log_level)
+    serve_gallery(settings, port=args.port)
+
+
 DESCRIPTION = (
     "MCP server for Flux image generation through PiAPI's task API. Run with no command, it serves MCP "
     "over stdio (what MCP hosts start); `serve --transport http` serves streamable HTTP instead."
@@ -103,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", default="demo-output", help="each run writes its images and ledger to a new folder here"
     )
     demo.set_defaults(func=_demo)
+
+    gallery = sub.add_parser(
+        "gallery", help="browse every task and image in the ledger at http://127.0.0.1:PORT/", parents=[common]
+    )
+    gallery.add_argument("--port", type=int, default=8770, help="loopback port (0 = any free port; default 8770)")
+    gallery.add_argument("--data-dir", help="the ledger's folder (default FLUX_MCP_DATA_DIR), e.g. demo-output/data")
+    gallery.set_defaults(func=_gallery)
 
     sim = sub.add_parser("simulator", help="run the PiAPI simulator as a standalone HTTP server", parents=[common])
     sim.add_argument("--host", default="127.0.0.1")

@@ -426,13 +426,69 @@ class TaskLedger:
         """Newest first; entries whose submission is uncertain (no task id) are included, and
         `status="uncertain"` selects those and the ones still (or forever, if their process died)
         being submitted."""
-        sql = (
-            "SELECT * FROM tasks WHERE (:status IS NULL OR status = :status OR "
+        entries, _ = await self.browse(status=status, task_type=task_type, limit=limit)
+        return entries
+
+    async def browse(
+        self,
+        *,
+        status: str | None = None,
+        task_type: str | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        text: str | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[builtins.list[LedgerEntry], int]:
+        """`list` with more filters (model, creation time range, a substring of the prompt) and
+        paging; also returns how many entries match in all."""
+        where = (
+            "(:status IS NULL OR status = :status OR "
             "(:status = 'uncertain' AND submit_state IN ('uncertain', 'submitting'))) AND "
-            "(:task_type IS NULL OR task_type = :task_type) ORDER BY created_at DESC, seq DESC LIMIT :limit"
+            "(:task_type IS NULL OR task_type = :task_type) AND (:model IS NULL OR model = :model) AND "
+            "(:since IS NULL OR created_at >= :since) AND (:until IS NULL OR created_at < :until) AND "
+            "(:text IS NULL OR json_extract(request_json, '$.prompt') LIKE :text ESCAPE '\\')"
         )
-        params = {"status": status, "task_type": task_type, "limit": max(0, limit)}
-        return await self._run(lambda conn: self._entries(conn, conn.execute(sql, params).fetchall()))
+        like = None
+        if text:
+            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        params = {
+            "status": status, "task_type": task_type, "model": model, "since": since, "until": until,
+            "text": like, "limit": max(0, limit), "offset": max(0, offset),
+        }  # fmt: skip
+
+        def query(conn: sqlite3.Connection) -> tuple[builtins.list[LedgerEntry], int]:
+            rows = conn.execute(
+                f"SELECT * FROM tasks WHERE {where} ORDER BY created_at DESC, seq DESC LIMIT :limit OFFSET :offset",
+                params,
+            ).fetchall()
+            total = conn.execute(f"SELECT COUNT(*) FROM tasks WHERE {where}", params).fetchone()[0]
+            return self._entries(conn, rows), total
+
+        return await self._run(query)
+
+    async def facets(self) -> dict[str, builtins.list[str]]:
+        """The task types and models present in the ledger (for filter menus)."""
+
+        def query(conn: sqlite3.Connection) -> dict[str, builtins.list[str]]:
+            return {
+                column: [row[0] for row in conn.execute(f"SELECT DISTINCT {column} FROM tasks ORDER BY 1")]
+                for column in ("task_type", "model")
+            }
+
+        return await self._run(query)
+
+    async def describe(self, entry: LedgerEntry) -> dict[str, Any]:
+        """An entry as JSON-ready data with its status history (the `flux://tasks/{id}` record)."""
+
+        def query(conn: sqlite3.Connection) -> builtins.list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT status, at FROM status_history WHERE local_id = ? ORDER BY id", (entry.local_id,)
+            ).fetchall()
+            return [{"status": row["status"], "at": row["at"]} for row in rows]
+
+        return {**entry.model_dump(mode="json"), "history": await self._run(query)}
 
     async def history(self, task_id: str) -> builtins.list[tuple[str, float]]:
         def query(conn: sqlite3.Connection) -> builtins.list[tuple[str, float]]:

@@ -367,9 +367,7 @@ def _register_resources(mcp: MCPServer) -> None:
         entry = await ledger.get(task_id)
         if entry is None:
             raise ResourceNotFoundError(f"task {task_id} is not in the local ledger")
-        body = entry.model_dump(mode="json")
-        body["history"] = [{"status": s, "at": at} for s, at in await ledger.history(task_id)]
-        return json.dumps(body)
+        return json.dumps(await ledger.describe(entry))
 
     @mcp.resource("flux://tasks/{task_id}/images/{n}", mime_type="image/png", title="Flux task image")
     async def task_image(task_id: str, n: str, ctx: Context) -> bytes:

@@ -1,0 +1,113 @@
+"""The local history page: `gallery_app(settings)` serves the view over the task ledger.
+
+Routes (relative to wherever the app is mounted): `/` the page, `/api/tasks` the ledger newest
+first with filters (status, task_type, model, since/until as POSIX times, q = a substring of the
+prompt) and paging, `/api/tasks/{local_id}` one task with its history, `/images/{local_id}/{n}`
+an image from its local copy (only files the ledger recorded for that task). Everything is read
+only. The page is meant for loopback: a Host check refuses other names (DNS rebinding), and on the
+HTTP transport it sits behind that transport's own auth.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from flux_mcp.files import mime_of
+from flux_mcp.gallery import view_html
+from flux_mcp.ledger import TaskLedger
+from flux_mcp.settings import Settings
+from flux_mcp.spend import day_start
+
+MAX_PAGE = 200
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]", "::1"]
+_SECURITY_HEADERS = {
+    # The page loads nothing from elsewhere; the CSP says so.
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self'; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _number(value: str | None, *, integer: bool = False) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        return int(value) if integer else float(value)
+    except ValueError:
+        return None
+
+
+def gallery_routes(ledger: TaskLedger, settings: Settings) -> list[Route]:
+    """The page's routes, for mounting inside another Starlette app (e.g. at `/gallery`)."""
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(view_html("page"), headers=_SECURITY_HEADERS)
+
+    async def tasks(request: Request) -> Response:
+        q = request.query_params
+        limit = int(min(MAX_PAGE, max(1, _number(q.get("limit"), integer=True) or 48)))
+        entries, total = await ledger.browse(
+            status=q.get("status") or None,
+            task_type=q.get("task_type") or None,
+            model=q.get("model") or None,
+            since=_number(q.get("since")),
+            until=_number(q.get("until")),
+            text=(q.get("q") or "").strip()[:200] or None,
+            limit=limit,
+            offset=int(max(0, _number(q.get("offset"), integer=True) or 0)),
+        )
+        body: dict[str, Any] = {
+            "tasks": [entry.model_dump(mode="json") for entry in entries],
+            "total": total,
+            "facets": await ledger.facets(),
+            "spent_today_usd": await ledger.spent_since(day_start(time.time())),
+            "daily_budget_usd": settings.daily_budget_usd,
+        }
+        return JSONResponse(body, headers=_SECURITY_HEADERS)
+
+    async def task(request: Request) -> Response:
+        entry = await ledger.get_local(request.path_params["local_id"])
+        if entry is None:
+            return JSONResponse({"error": "no such task in the ledger"}, status_code=404)
+        return JSONResponse(await ledger.describe(entry), headers=_SECURITY_HEADERS)
+
+    async def image(request: Request) -> Response:
+        entry = await ledger.get_local(request.path_params["local_id"])
+        n = request.path_params["n"]
+        row = next((r for r in entry.images if r.n == n and r.path), None) if entry is not None else None
+        if row is None or not await anyio.Path(row.path).is_file():
+            return Response("no local copy of that image", status_code=404, media_type="text/plain")
+        return FileResponse(Path(row.path), media_type=mime_of(row.path), headers=_SECURITY_HEADERS)
+
+    async def no_icon(request: Request) -> Response:
+        return Response(status_code=204)
+
+    return [
+        Route("/", page),
+        Route("/favicon.ico", no_icon),
+        Route("/api/tasks", tasks),
+        Route("/api/tasks/{local_id:str}", task),
+        Route("/images/{local_id:str}/{n:int}", image),
+    ]
+
+
+def gallery_app(settings: Settings, *, ledger: TaskLedger | None = None) -> Starlette:
+    """The history page as its own app (loopback names only)."""
+    ledger = ledger or TaskLedger(settings.ledger_path)
+    return Starlette(
+        routes=gallery_routes(ledger, settings),
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_NAMES)],
+    )
