@@ -70,7 +70,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 def _route_factories() -> list[Callable[[Settings], list[BaseRoute]]]:
     """The routes served beside `/mcp`, one factory per feature (see the module docstring)."""
-    return []
+    from flux_mcp.gallery import page
+
+    return [page.routes]
 
 
 # --- who may call -------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ def _confirm_resolver(tool: TaskTool) -> Callable[..., Awaitable[Unasked | Elici
 
     async def confirm_spend(ctx: Context, raw_arguments: Any = None) -> Unasked | Elicit[SpendApproval]:
         state = _state(ctx)
-        if state.service.guard.confirm_above_usd is None:
+        if state.settings.confirm_above_usd is None:
             return Unasked()
         try:
             args = tool.validate_arguments(raw_arguments if isinstance(raw_arguments, dict) else {})

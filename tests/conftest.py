@@ -90,3 +90,32 @@ def _task_service(settings, client, ledger):
         store=ImageStore(settings.images_dir, max_bytes=settings.max_download_bytes),
         resolver=InputResolver(settings.allowed_image_roots(), max_bytes=settings.max_input_bytes),
     )
+
+
+# --- a ledger to look at (gallery page and App view) --------------------------------------------
+
+GALLERY_PROMPTS = {
+    "batch": "four lighthouses at dusk",
+    "failed": "a forbidden picture",
+    "running": "a slow dev portrait",
+}
+
+
+@pytest.fixture
+async def seeded_ledger(server, sim):
+    """Through the real tools: a finished batch of 4, a failed task and a still running one.
+    Returns each one's structured result, keyed like `GALLERY_PROMPTS`."""
+    from mcp import Client
+
+    async with Client(server) as client:
+        batch = await client.call_tool("flux_txt2img", {"prompt": GALLERY_PROMPTS["batch"], "batch_size": 4})
+        sim.state.add_fault("fail_next", code=10001, message="nsfw content detected")
+        failed = await client.call_tool("flux_txt2img", {"prompt": GALLERY_PROMPTS["failed"]})
+        sim.state.configure(durations={**FAST_DURATIONS, "Qubico/flux1-dev": 600})
+        running = await client.call_tool(
+            "flux_txt2img", {"prompt": GALLERY_PROMPTS["running"], "model": "Qubico/flux1-dev", "wait_seconds": 0}
+        )
+    seeded = {"batch": batch, "failed": failed, "running": running}
+    statuses = [r.structured_content["status"] for r in seeded.values()]
+    assert statuses[:2] == ["completed", "failed"] and statuses[2] in ("pending", "processing")
+    return {name: result.structured_content for name, result in seeded.items()}

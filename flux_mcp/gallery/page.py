@@ -5,22 +5,30 @@ first with filters (status, task_type, model, since/until as POSIX times, q = a 
 prompt) and paging, `/api/tasks/{local_id}` one task with its history, `/images/{local_id}/{n}`
 an image from its local copy (only files the ledger recorded for that task). Everything is read
 only. The page is meant for loopback: a Host check refuses other names (DNS rebinding), and on the
-HTTP transport it sits behind that transport's own auth.
+HTTP transport (`routes`, mounted at `/gallery` by `flux_mcp.http_app`) it sits behind the same
+token as `/mcp`: a browser cannot send a bearer header when it opens a page, so it may also open
+`/gallery/?token=<FLUX_MCP_AUTH_TOKEN>` once, which sets a cookie (HttpOnly, SameSite=Strict,
+scoped to `/gallery`, holding a keyed hash of the token, not the token) and redirects to the
+clean URL.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flux_mcp.files import mime_of
 from flux_mcp.gallery import view_html
@@ -111,3 +119,61 @@ def gallery_app(settings: Settings, *, ledger: TaskLedger | None = None) -> Star
         routes=gallery_routes(ledger, settings),
         middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_NAMES)],
     )
+
+
+# --- on the HTTP transport: /gallery behind the same token ------------------------------------------
+
+GALLERY_PATH = "/gallery"
+_COOKIE = "flux_gallery"
+
+
+class TokenGate:
+    """Lets a request through with the bearer token (header), the gallery cookie, or `?token=`."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+        self._cookie = hmac.new(self._token, b"piapi-flux-mcp gallery", hashlib.sha256).hexdigest()
+
+    def _is_token(self, given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given.encode(), self._token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer ") and self._is_token(header[7:].strip()):
+            await self.app(scope, receive, send)
+            return
+        if hmac.compare_digest(request.cookies.get(_COOKIE, ""), self._cookie):
+            await self.app(scope, receive, send)
+            return
+        if self._is_token(request.query_params.get("token")):
+            rest = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+            target = request.url.path + (f"?{rest}" if rest else "")
+            response: Response = RedirectResponse(target, status_code=303)
+            response.set_cookie(
+                _COOKIE, self._cookie, path=GALLERY_PATH, httponly=True, samesite="strict", secure=False
+            )
+        else:
+            response = PlainTextResponse(
+                f"The gallery needs the server's token: open {GALLERY_PATH}/?token=<FLUX_MCP_AUTH_TOKEN> once.",
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        await response(scope, receive, send)
+
+
+def routes(settings: Settings) -> list[BaseRoute]:
+    """`/gallery/` on the HTTP transport (see `flux_mcp.http_app`), behind its token when one is set."""
+    inner: ASGIApp = Starlette(routes=gallery_routes(TaskLedger(settings.ledger_path), settings))
+    if settings.auth_token is not None:
+        inner = TokenGate(inner, settings.auth_token.get_secret_value())
+
+    async def add_slash(request: Request) -> Response:
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(GALLERY_PATH + "/" + query, status_code=307)
+
+    return [Route(GALLERY_PATH, add_slash), Mount(GALLERY_PATH, app=inner)]
