@@ -28,11 +28,12 @@ from pydantic import ValidationError
 from flux_mcp import __version__
 from flux_mcp.catalog import describe_validation_error
 from flux_mcp.errors import InvalidInputError
+from flux_mcp.gallery.apps import gallery_apps
 from flux_mcp.parameters import TASK_TOOLS
 from flux_mcp.schemas import compact_output, strip_titles
 from flux_mcp.settings import Settings
 from flux_mcp.startup import check_folders
-from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, register_tools
+from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, register_app_tools, register_tools
 
 if TYPE_CHECKING:
     import httpx
@@ -172,6 +173,8 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
         settings.require_api_key()
     check_folders(settings)
     options = options or ServerOptions()
+    apps = gallery_apps()
+    register_app_tools(apps)
     mcp = FluxServer(
         "piapi-flux-mcp",
         title="Flux image generation (PiAPI)",
@@ -180,6 +183,7 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
         lifespan=_lifespan(settings, options),
         log_level=settings.log_level,
         subscriptions=False,
+        extensions=[apps],
     )
     register_tools(mcp)
     _publish_schemas(mcp)

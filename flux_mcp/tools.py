@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import anyio
 from mcp.server import MCPServer
+from mcp.server.apps import Apps
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.server.mcpserver.resolve import Elicit, ElicitationResult, Resolve
@@ -34,7 +36,8 @@ from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, Field
 
 from flux_mcp.confirmation import SpendApproval, Unasked, refusal, spend_question
-from flux_mcp.errors import FluxError
+from flux_mcp.errors import FluxError, InvalidInputError, NotFoundError
+from flux_mcp.gallery.apps import VIEW_META, VIEW_URI
 from flux_mcp.lifecycle import TaskOutcome, TaskService, summarise_payload
 from flux_mcp.parameters import PARAMETERS, TASK_TOOLS, TaskTool
 from flux_mcp.record import TaskRecord
@@ -271,6 +274,70 @@ def _task_tool_function(tool: TaskTool) -> Callable[..., Awaitable[CallToolResul
     return run
 
 
+# --- the gallery App's own action -------------------------------------------------------------------
+
+_RERUN_TOOLS = {tool.name: tool for tool in TASK_TOOLS}
+
+
+async def _rerun_arguments(state: AppState, task_id: str) -> tuple[TaskTool, dict[str, Any]]:
+    """The tool and validated arguments that submit `task_id`'s request again, as a new task."""
+    entry = await state.service.ledger.get(task_id)
+    if entry is None:
+        raise NotFoundError(f"task {task_id} is not in the local ledger", task_id=task_id)
+    tool = _RERUN_TOOLS.get(entry.tool)
+    if tool is None:
+        raise InvalidInputError(
+            f"task {task_id} was not submitted by this server, so its arguments are unknown",
+            hint="Call the task tool again with the arguments you want.",
+        )
+    args = dict(entry.request)
+    if any(isinstance(v, str) and v.startswith("data:") and v.endswith(" chars)") for v in args.values()):
+        raise InvalidInputError(
+            f"task {task_id} was given an inline image, which is not stored; it cannot be re-run from the ledger",
+            hint="Call the task tool again with the image.",
+        )
+    # A new key makes it a new task (a repeat would re-attach); the view follows it with flux_get_task.
+    args.update(idempotency_key=f"rerun-{uuid.uuid4().hex}", wait_seconds=0, include_image="none")
+    return tool, tool.validate_arguments(args)
+
+
+async def _confirm_rerun(ctx: Context, task_id: str) -> Unasked | Elicit[SpendApproval]:
+    state = _state(ctx)
+    if state.settings.confirm_above_usd is None:
+        return Unasked()
+    try:
+        tool, args = await _rerun_arguments(state, task_id)
+        args, options = _split_options(state.settings, args)
+        request = await state.service.prepare(tool.task_type, args)
+    except FluxError:
+        return Unasked()  # the tool body reports it
+    return await spend_question(ctx, state.service, tool.name, request, options["idempotency_key"])
+
+
+def register_app_tools(apps: Apps) -> None:
+    """Tools only the gallery view calls (`_meta.ui.visibility: ["app"]`; hosts hide them from the model)."""
+
+    @apps.tool(
+        resource_uri=VIEW_URI,
+        visibility=["app"],
+        title="Re-run a Flux task",
+        annotations=TASK_TOOL_ANNOTATIONS,
+    )
+    async def flux_rerun(
+        task_id: TaskId,
+        ctx: Context,
+        approval: Annotated[ElicitationResult[SpendApproval], Resolve(_confirm_rerun)] = None,
+    ) -> ReturnsTask:
+        """Submit a task's request again as a new, paid task (spend guard applies); returns at once."""
+        state = _state(ctx)
+        try:
+            tool, args = await _rerun_arguments(state, task_id)
+        except FluxError as exc:
+            exc.task_id = exc.task_id or task_id
+            return failure_result(exc)
+        return await _run_task_tool(tool, ctx, args, approval)
+
+
 def register_tools(mcp: MCPServer) -> None:
     for tool in TASK_TOOLS:
         mcp.add_tool(
@@ -279,13 +346,14 @@ def register_tools(mcp: MCPServer) -> None:
             title=tool.title,
             description=tool.description,
             annotations=TASK_TOOL_ANNOTATIONS,
+            meta=VIEW_META,
         )
     _register_task_management(mcp)
     _register_resources(mcp)
 
 
 def _register_task_management(mcp: MCPServer) -> None:
-    @mcp.tool(title="Get a Flux task", annotations=READ_ONLY)
+    @mcp.tool(title="Get a Flux task", annotations=READ_ONLY, meta=VIEW_META)
     async def flux_get_task(task_id: TaskId, ctx: Context) -> ReturnsTask:
         """Current state of a task, without waiting."""
         state = _state(ctx)
@@ -296,7 +364,7 @@ def _register_task_management(mcp: MCPServer) -> None:
             return failure_result(exc)
         return await _present(state.service, outcome, state.settings.include_image)
 
-    @mcp.tool(title="Wait for a Flux task", annotations=READ_ONLY)
+    @mcp.tool(title="Wait for a Flux task", annotations=READ_ONLY, meta=VIEW_META)
     async def flux_wait_task(
         task_id: TaskId,
         ctx: Context,
@@ -325,7 +393,9 @@ def _register_task_management(mcp: MCPServer) -> None:
         outcome.notes.insert(0, cancel.message + ".")
         return await _present(state.service, outcome, "none", cancel_accepted=cancel.accepted)
 
-    @mcp.tool(title="List Flux tasks", annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False))
+    @mcp.tool(
+        title="List Flux tasks", annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False), meta=VIEW_META
+    )
     async def flux_list_tasks(
         ctx: Context,
         status: Annotated[ListStatus | None, Field(description="Only this status (null = any).")] = None,

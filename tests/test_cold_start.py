@@ -50,7 +50,7 @@ async def test_listing_tools_touches_no_ledger_and_the_first_call_opens_it(serve
     from mcp.client import Client
 
     async with Client(server) as client:
-        assert len((await client.list_tools()).tools) == 12
+        assert len((await client.list_tools()).tools) == 13  # twelve, and the gallery App's flux_rerun
         assert not settings.ledger_path.exists()
         listed = await client.call_tool("flux_list_tasks", {})
         assert listed.is_error is False
