@@ -10,6 +10,7 @@ commands, so what CI checks is what the README tells a new user to type.
     python3 dev.py lint          # ruff check and ruff format --check
     python3 dev.py examples      # every program in examples/, each in its own venv (slower)
     python3 dev.py wheel         # build wheel + sdist; run the wheel with uvx under the MCP Inspector CLI
+    python3 dev.py browser       # the gallery page and App view in headless Chromium (needs `chromium`)
 
 `VENV=/some/dir` puts the environment elsewhere (CI uses a throwaway one).
 """
@@ -30,7 +31,7 @@ PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".piapi-flux-mcp-installed"
 # The slower groups, kept out of `test` by pyproject's addopts and run by `.ci/run` after it; they
 # also need the `ci` extra (uv, which builds the wheel and the examples' own venvs).
-GROUPS = {"examples": "examples", "wheel": "wheel"}
+GROUPS = {"examples": "examples", "wheel": "wheel", "browser": "browser"}
 
 
 def _install_fingerprint(extras: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -119,3 +121,25 @@ async def seeded_ledger(server, sim):
     statuses = [r.structured_content["status"] for r in seeded.values()]
     assert statuses[:2] == ["completed", "failed"] and statuses[2] in ("pending", "processing")
     return {name: result.structured_content for name, result in seeded.items()}
+
+
+# --- browser test artifacts ---------------------------------------------------------------------
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+_artifact_dirs: list[Path] = []
+
+
+@pytest.fixture
+def artifact_dir(request) -> Path:
+    """A kept (gitignored) folder for this test's screenshots; listed at the end of the run."""
+    folder = ARTIFACTS / request.node.module.__name__.rpartition(".")[2]
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder not in _artifact_dirs:
+        _artifact_dirs.append(folder)
+    return folder
+
+
+def pytest_terminal_summary(terminalreporter):
+    for folder in _artifact_dirs:
+        shots = sorted(p.name for p in folder.glob("*.png"))
+        terminalreporter.write_line(f"screenshots in {folder}: {', '.join(shots)}")
