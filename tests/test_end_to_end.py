@@ -383,7 +383,7 @@ async def test_streamable_http_transport_lists_tools_and_completes_a_task(sim, t
                 async with Client(f"http://127.0.0.1:{port}/mcp") as client:
                     tools = await client.list_tools()
                     names = {tool.name for tool in tools.tools}
-                    assert len(names) == 12, sorted(names)
+                    assert len(names) == 13, sorted(names)  # twelve, and the gallery App's flux_rerun
                     assert set(TASK_TOOL_NAMES) <= names
                     assert {"flux_get_task", "flux_wait_task", "flux_cancel_task", "flux_list_tasks"} <= names
                     result = await client.call_tool(
