@@ -324,6 +324,8 @@ class InputResolver:
             )
         else:
             path_text = text
+        if "\x00" in path_text:  # no file name holds one; os.path would raise ValueError
+            raise errors.InvalidInputError(f"{field}: a file path cannot contain a NUL character")
         return await anyio.to_thread.run_sync(self._local_to_data_uri, path_text, field)
 
     @staticmethod
