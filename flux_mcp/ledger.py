@@ -39,9 +39,12 @@ from flux_mcp.spend import SpendLimit
 
 log = logging.getLogger(__name__)
 
-SubmitState = Literal["submitting", "submitted", "uncertain"]
+SubmitState = Literal["queued", "submitting", "submitted", "uncertain"]
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_SECONDS = 10.0
+# A task counts toward FLUX_MCP_MAX_CONCURRENT_TASKS while it is pending or processing and its
+# submitter lives, until its last recorded change is this old (nobody may be polling it any more).
+ACTIVE_WINDOW_SECONDS = 600.0
 MAX_BATCH = 200  # operations per transaction: bounds how long one process holds the write lock
 _T = TypeVar("_T")
 
@@ -248,6 +251,7 @@ class TaskLedger:
         # Used from whichever worker thread runs the operation, never from two at once (`_funnel`).
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
+        conn.create_function("owner_is_gone", 1, owner_is_gone)
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
         return conn
 
@@ -541,7 +545,7 @@ class TaskLedger:
         )
         params: builtins.list[Any] = [idempotency_key]
         if window_seconds is not None:
-            sql += " AND (submit_state IN ('submitting', 'uncertain') OR (? > 0 AND created_at >= ?))"
+            sql += " AND (submit_state IN ('queued', 'submitting', 'uncertain') OR (? > 0 AND created_at >= ?))"
             params += [window_seconds, now - window_seconds]
         return conn.execute(sql + " ORDER BY created_at DESC, seq DESC LIMIT 1", params).fetchone()
 
@@ -578,13 +582,15 @@ class TaskLedger:
         payload_fingerprint: str | None = None,
         owner: str | None = None,
         spend_limit: SpendLimit | None = None,
+        queued: bool = False,
     ) -> Reservation:
         """Claim `idempotency_key`, or return the entry that already holds it within the window.
 
         `payload_fingerprint` identifies the exact request (default: the fingerprint of `payload`)
         and `owner` the process submitting it (see `new_owner_id`). With `spend_limit`, a new
         claim whose cost would take the spend since `spend_limit.since` past its budget raises
-        `BudgetExceededError` and records nothing; a re-attach is never refused."""
+        `BudgetExceededError` and records nothing; a re-attach is never refused. A `queued` claim
+        waits for `admit` before it may be sent (see `flux_mcp.admission`)."""
         now = self._clock()
 
         def reserve(conn: sqlite3.Connection) -> Reservation:
@@ -603,7 +609,7 @@ class TaskLedger:
                     idempotency_key=idempotency_key,
                     fingerprint=payload_fingerprint or fingerprint(payload),
                     submit_owner=owner,
-                    submit_state="submitting",
+                    submit_state="queued" if queued else "submitting",
                     request_json=_dumps(request),
                     payload_json=_dumps(payload),
                     estimated_cost_usd=estimated_cost_usd,
@@ -615,6 +621,51 @@ class TaskLedger:
                 return Reservation(entry=entry, is_new=True)
 
         return await self._run(reserve)
+
+    async def admit(self, local_id: str, owner: str, limit: int) -> bool:
+        """Move a queued claim to `submitting` if fewer than `limit` tasks are active across every
+        process sharing this ledger; False if it must wait. Raises `StorageError` if the claim is gone.
+        """
+        since = self._clock() - ACTIVE_WINDOW_SECONDS
+
+        def admit(conn: sqlite3.Connection) -> bool:
+            with _immediate(conn):
+                row = conn.execute("SELECT submit_state FROM tasks WHERE local_id = ?", (local_id,)).fetchone()
+                if row is None:
+                    raise errors.StorageError(f"the queued request {local_id} is no longer in the ledger")
+                if row["submit_state"] != "queued":
+                    return True
+                active = conn.execute(
+                    "SELECT COUNT(*) FROM tasks WHERE local_id != ? AND NOT owner_is_gone(submit_owner) AND "
+                    "(submit_state = 'submitting' OR (submit_state = 'submitted' "
+                    "AND status IN ('pending', 'processing') AND updated_at >= ?))",
+                    (local_id, since),
+                ).fetchone()[0]
+                if active >= limit:
+                    return False
+                conn.execute(
+                    "UPDATE tasks SET submit_state = 'submitting', submit_owner = ? WHERE local_id = ?",
+                    (owner, local_id),
+                )
+                return True
+
+        return await self._run(admit)
+
+    async def adopt(self, local_id: str, owner: str) -> bool:
+        """Take over a queued claim whose process died (it was never sent); True if now `owner`'s."""
+
+        def adopt(conn: sqlite3.Connection) -> bool:
+            with _immediate(conn):
+                return (
+                    conn.execute(
+                        "UPDATE tasks SET submit_owner = ? WHERE local_id = ? AND submit_state = 'queued' "
+                        "AND owner_is_gone(submit_owner)",
+                        (owner, local_id),
+                    ).rowcount
+                    == 1
+                )
+
+        return await self._run(adopt)
 
     async def attach(self, local_id: str, record: TaskRecord) -> None:
         """The create call answered: bind PiAPI's task id to the reservation."""
@@ -670,15 +721,15 @@ class TaskLedger:
 
     # The spec'd API takes a timeout: the caller decides how long a duplicate request may wait.
     async def wait_for_submission(self, local_id: str, timeout: float) -> LedgerEntry:  # noqa: ASYNC109
-        """Wait while another caller (maybe another process) is still submitting this entry.
+        """Wait while another caller (maybe another process) is still queueing or submitting this entry.
 
-        Returns the latest entry, possibly still `submitting` when `timeout` passes. If the other
+        Returns the latest entry, possibly still `queued` or `submitting` when `timeout` passes. If the other
         caller released the reservation, raises a retryable `UpstreamError`: a new call may submit.
         """
         with anyio.move_on_after(max(0.0, timeout)):
             while True:
                 entry = await self.get_local(local_id)
-                if entry is None or entry.submit_state != "submitting":
+                if entry is None or entry.submit_state not in ("queued", "submitting"):
                     break
                 await anyio.sleep(0.1)
         entry = await self.get_local(local_id)

@@ -30,6 +30,7 @@ import anyio
 import anyio.lowlevel
 
 from flux_mcp import errors
+from flux_mcp.admission import AdmissionQueue, OnQueued
 from flux_mcp.catalog import TaskRequest, TaskType
 from flux_mcp.files import ImageStore, InputResolver, fetch_image, make_thumbnail
 from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id, owner_is_gone
@@ -120,6 +121,8 @@ class TaskService:
         self._owner = new_owner_id()
         self.guard = SpendGuard(settings.daily_budget_usd, settings.confirm_above_usd)
         self._timings_loaded = False
+        limit = settings.max_concurrent_tasks
+        self.admission = AdmissionQueue(ledger, limit, self._owner) if limit else None
 
     # --- before anything is sent ------------------------------------------------------------
 
@@ -154,8 +157,10 @@ class TaskService:
         *,
         arguments: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        on_queued: OnQueued | None = None,
     ) -> Submission:
         """Create the task once. `arguments` (the tool's normalised arguments) go to the ledger.
+        Past FLUX_MCP_MAX_CONCURRENT_TASKS the request waits its turn first, told to `on_queued`.
 
         A new task that would pass the daily budget raises `BudgetExceededError`; nothing is sent."""
         payload = request.to_payload()
@@ -177,14 +182,20 @@ class TaskService:
             payload_fingerprint=payload_fingerprint,
             owner=self._owner,
             spend_limit=self.guard.limit(time.time()),
+            queued=self.admission is not None,
         )
         if not reservation.is_new:
-            return await self._reattach(reservation.entry, payload_fingerprint, idempotency_key)
-        local_id = reservation.entry.local_id
+            return await self._reattach(reservation.entry, payload, payload_fingerprint, idempotency_key, on_queued)
+        return await self._create(reservation.entry.local_id, payload, on_queued)
+
+    async def _create(self, local_id: str, payload: dict[str, Any], on_queued: OnQueued | None) -> Submission:
+        """Send the create for a reservation of ours (after its turn in the queue) and record it."""
         try:
             # Writing the reservation could not be interrupted: a cancel that came meanwhile must
-            # stop us here, before anything is paid for.
+            # stop us here, before anything is paid for. The same holds while it waits its turn.
             await anyio.lowlevel.checkpoint_if_cancelled()
+            if self.admission is not None:
+                await self.admission.wait_turn(local_id, on_queued)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self.ledger.release(local_id)
@@ -208,6 +219,7 @@ class TaskService:
                 raise
             except errors.FluxError:
                 await self.ledger.release(local_id)
+                self._slot_freed()
                 raise
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -231,7 +243,18 @@ class TaskService:
         """How long a create may run shielded; a reservation older than this is settled."""
         return self.settings.request_timeout_seconds * 2 + 30
 
-    async def _reattach(self, entry: LedgerEntry, payload_fingerprint: str, key: str | None) -> Submission:
+    def _slot_freed(self) -> None:
+        if self.admission is not None:
+            self.admission.slot_freed()
+
+    async def _reattach(
+        self,
+        entry: LedgerEntry,
+        payload: dict[str, Any],
+        payload_fingerprint: str,
+        key: str | None,
+        on_queued: OnQueued | None = None,
+    ) -> Submission:
         if key and entry.fingerprint:
             if entry.fingerprint != payload_fingerprint:
                 raise errors.InvalidInputError(
@@ -239,13 +262,23 @@ class TaskService:
                     f"(task {entry.task_id or 'not yet created'}); use a new key for a new request",
                     hint="Pass a new idempotency_key, or repeat the original arguments to re-attach.",
                 )
+        if entry.submit_state == "queued" and await self.ledger.adopt(entry.local_id, self._owner):
+            # Queued by a process that died before its turn came: never sent, so this caller takes
+            # its place (and its position in the line) and submits it, once.
+            return await self._create(entry.local_id, payload, on_queued)
         stale = time.time() - entry.created_at > self._create_deadline_seconds + OTHER_PROCESS_SUBMIT_WAIT_SECONDS
         if entry.submit_state == "submitting" and (stale or owner_is_gone(entry.submit_owner)):
             # Its process died, or it outlived any create (an owner on another host cannot be probed).
             await self.ledger.mark_uncertain(entry.local_id, "the process submitting it stopped mid-request")
             entry = await self.ledger.get_local(entry.local_id) or entry
-        elif entry.submit_state == "submitting":
+        elif entry.submit_state in ("queued", "submitting"):
             entry = await self.ledger.wait_for_submission(entry.local_id, OTHER_PROCESS_SUBMIT_WAIT_SECONDS)
+            if entry.submit_state == "queued":
+                raise errors.SubmitUncertainError(
+                    "an identical request is waiting its turn in the local queue (FLUX_MCP_MAX_CONCURRENT_TASKS)",
+                    retryable=True,
+                    hint="Call again later: the repeat re-attaches to that request instead of paying twice.",
+                )
             if entry.submit_state == "submitting":
                 raise errors.SubmitUncertainError(
                     "an identical request is being submitted by another piapi-flux-mcp process right now",
@@ -348,6 +381,7 @@ class TaskService:
         entry = recorded if recorded is not None else await self.ledger.record(record)
         if record.is_terminal:
             self.planner.learn(record.task_id, record, kind)
+            self._slot_freed()
         outcome = TaskOutcome(record=record, images=list(entry.images))
         if record.status != "completed" or self.store is None or not record.image_urls:
             return outcome

@@ -245,10 +245,15 @@ class PollPlanner:
 
 
 async def _notify(on_update: OnUpdate | None, record: TaskRecord, elapsed: float) -> None:
-    if on_update is None:
+    await notify_safely(on_update, record, elapsed)
+
+
+async def notify_safely(callback: Callable[..., Awaitable[None]] | None, *args: object) -> None:
+    """Send a progress update; one that fails is logged, never raised into the work it describes."""
+    if callback is None:
         return
     try:
-        await on_update(record, elapsed)
+        await callback(*args)
     except anyio.get_cancelled_exc_class():
         raise
     except Exception:  # a progress send must never abort the task it describes

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     """Most USD the task tools may spend per UTC day, across processes sharing the ledger; unset = no limit."""
     confirm_above_usd: float | None = Field(default=None, ge=0)
     """A call costing more than this (USD) asks the user to confirm first; unset = never ask."""
+    max_concurrent_tasks: int | None = Field(default=None, ge=1)
+    """Most tasks running at PiAPI at once (your plan's concurrent jobs), across processes sharing
+    the ledger; more wait their turn locally. Unset = no limit."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Log level; logs go to stderr only."""
     # HTTP transport (see flux_mcp.http_app): who may call, under which Host names, how many sessions.

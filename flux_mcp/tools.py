@@ -118,11 +118,23 @@ class _Progress:
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
         self._last = -1.0
+        self._queued_for = 0.0  # time spent in the local queue comes before the task's own
+
+    async def queued(self, ahead: int, waited: float) -> None:
+        self._queued_for = waited
+        limit = _state(self._ctx).settings.max_concurrent_tasks
+        await self._report(
+            waited,
+            f"queued locally, {ahead} ahead, {waited:.0f} s - {limit} tasks already running at PiAPI "
+            "(FLUX_MCP_MAX_CONCURRENT_TASKS); nothing sent yet",
+        )
 
     async def send(self, record: TaskRecord, elapsed: float) -> None:
+        await self._report(self._queued_for + elapsed, f"{record.status}, {elapsed:.0f} s - task {record.task_id}")
+
+    async def _report(self, elapsed: float, message: str) -> None:
         value = max(round(elapsed, 1), round(self._last + 0.1, 1))
         self._last = value
-        message = f"{record.status}, {elapsed:.0f} s - task {record.task_id}"
         try:
             await self._ctx.report_progress(value, None, message)
         except anyio.get_cancelled_exc_class():
@@ -212,12 +224,14 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any], app
         return to_call_result(result)
     if (refused := refusal(approval)) is not None:
         return failure_result(refused, task_type=task_type, model=model, spent_today_usd=await service.spent_today())
+    progress = _Progress(ctx)
     try:
-        submission = await service.submit(tool.name, request, arguments=args, idempotency_key=idempotency_key)
+        submission = await service.submit(
+            tool.name, request, arguments=args, idempotency_key=idempotency_key, on_queued=progress.queued
+        )
     except FluxError as exc:
         return failure_result(exc, task_type=task_type, model=model, spent_today_usd=await service.spent_today())
     record = submission.record
-    progress = _Progress(ctx)
     try:
         # `initial` makes the first progress notification carry the task id before any waiting.
         outcome = await service.wait(
