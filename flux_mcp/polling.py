@@ -18,9 +18,11 @@ Where the polls go is a `Schedule`:
   they detect completion soonest for their number. Past that (an outlier, or the budget spent)
   the tail polls at growing intervals from a floor, so a task far past its expected end slows
   down instead of hammering PiAPI. While a kind has no learned samples yet (the priors only),
-  the budget is one GET per `COLD_SECONDS_PER_GET` of expected time. A kind with no estimate at
-  all uses `FALLBACK`, a capped geometric schedule. With push delivery, polling is a sparse
-  safety net: one poll near the 90th percentile, then the tail.
+  the budget is one GET per `COLD_SECONDS_PER_GET` of expected time, and no gap is longer than
+  the task's age (twice it past 5 s; at least `COLD_GAP_SECONDS`), so a backend far faster than
+  the prior is still noticed soon. A kind with no estimate at all uses `FALLBACK`, a capped
+  geometric schedule. With push delivery, polling is a sparse safety net: one poll near the 90th
+  percentile, then the tail (a gap of at least `COLD_PUSH_GAP_SECONDS` while cold).
 - `PolicySchedule`: a plain interval policy (`BackoffPolicy`), for tests and callers that want
   fixed behaviour.
 
@@ -54,13 +56,15 @@ Fetch = Callable[[str], Awaitable[TaskRecord]]
 
 FINAL_POLL_GRACE_SECONDS = 1.0
 FINAL_POLL_FRESH_SECONDS = 1.0
-MIN_GAP_SECONDS = 0.1  # never two GETs for one task closer than this
+MIN_GAP_SECONDS = 0.05  # never two GETs for one task closer than this
 TAIL_FLOOR_SECONDS = 1.0
 TAIL_CAP_SECONDS = 15.0
 TAIL_GROWTH = 1.5
 P_LAST = 0.98  # the planned polls cover completion up to this probability; the tail does the rest
 P_PUSH = 0.9  # with push delivery, the one safety-net poll
 COLD_SECONDS_PER_GET = 3.0
+COLD_GAP_SECONDS = 2.0
+COLD_PUSH_GAP_SECONDS = 4.0
 _STATUS_RANK = {"pending": 0, "processing": 1}
 
 
@@ -134,13 +138,17 @@ class LearnedSchedule:
     spent: Callable[[], int]  # GETs spent on this task so far (across waits)
     push: bool = False
     _fallback: PolicySchedule = field(default_factory=PolicySchedule)
-    _gap: float = 0.0  # the last interval, which the tail grows from
+    _tail_gap: float = 0.0  # grows from TAIL_FLOOR_SECONDS once the planned polls are spent
 
     def next_poll(self, record: TaskRecord | None, *, now: float, scheduled: float) -> float:
         due = self._plan(record, now=now, scheduled=scheduled)
-        due = max(due, now + MIN_GAP_SECONDS if self.spent() else now)
-        self._gap = max(MIN_GAP_SECONDS, due - max(now, scheduled))
-        return due
+        if self.estimate is not None and not self.estimate.learned and record is not None and record.created_at:
+            # Priors only: never wait longer than the task's age (at least a couple of seconds), so a
+            # backend much faster than the prior (the simulator, a quiet hour) is not kept waiting.
+            age = now - self.to_local(record.created_at)
+            stretch = 1.0 if age < COLD_GAP_SECONDS * 2.5 else 2.0
+            due = min(due, now + max(COLD_PUSH_GAP_SECONDS if self.push else COLD_GAP_SECONDS, stretch * age))
+        return max(due, now + MIN_GAP_SECONDS if self.spent() else now)
 
     def _plan(self, record: TaskRecord | None, *, now: float, scheduled: float) -> float:
         if self.estimate is None or record is None or record.created_at is None:
@@ -160,8 +168,8 @@ class LearnedSchedule:
         return base + self.estimate.completion_quantile(p_last / remaining, **known)
 
     def _tail(self, now: float, scheduled: float) -> float:
-        gap = min(TAIL_CAP_SECONDS, max(TAIL_FLOOR_SECONDS, self._gap * TAIL_GROWTH))
-        return max(now, scheduled) + gap
+        self._tail_gap = min(TAIL_CAP_SECONDS, self._tail_gap * TAIL_GROWTH) if self._tail_gap else TAIL_FLOOR_SECONDS
+        return max(now, scheduled) + self._tail_gap
 
 
 class PollPlanner:

@@ -110,7 +110,7 @@ PRIORS: dict[str, Prior] = {
     Model.DEV_ADVANCED.value: Prior(queue_seconds=1.2, run_seconds=31.5),
 }
 PRIOR_QUEUE_SPREAD = 1.0
-PRIOR_RUN_SPREAD = 0.35
+PRIOR_RUN_SPREAD = 0.25
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pytest
 
 from flux_mcp.ledger import TaskLedger
 from flux_mcp.polling import (
+    COLD_GAP_SECONDS,
     MIN_GAP_SECONDS,
     TAIL_CAP_SECONDS,
     TAIL_FLOOR_SECONDS,
@@ -124,8 +125,20 @@ async def test_a_cold_known_kind_uses_its_prior_and_a_small_budget():
     task = FakeTask(time, queue=1.2, run=19.0)
     await run(planner, task, DEV)
     # one GET per 3 s of expected time at most before the tail (a fixed 4 s poller spends ~5)
-    assert len(task.gets) <= 7 and task.gets[0] > 5
+    assert len(task.gets) <= 7 and time.now - task.ends < 4.0
     assert PRIORS["Qubico/flux1-dev"].run_seconds == 19.0
+
+
+async def test_a_cold_kind_never_waits_longer_than_the_tasks_age():
+    """A backend far faster than the prior (the simulator, a quiet hour) is still noticed soon."""
+    time = FakeTime()
+    planner = planner_for(time)
+    task = FakeTask(time, queue=0.1, run=0.5)  # the prior expects ~20 s
+    await run(planner, task, DEV)
+    assert task.gets == [COLD_GAP_SECONDS]
+    later = FakeTask(FakeTime(), queue=0.1, run=7.0)
+    await run(planner_for(later.time), later, DEV)
+    assert later.gets[:3] == [2.0, 4.0, 8.0]  # gaps no longer than the age, then twice it
 
 
 async def test_an_unknown_kind_falls_back_to_the_capped_geometric_schedule():

@@ -221,6 +221,7 @@ class WebhookAttempt(TypedDict):
     attempt: int
     outcome: str
     at: float
+    sent: float  # on the simulator's clock, when the POST went out
 
 
 _STATUS_WORDS: dict[StatusStyle, dict[str, str]] = {

@@ -102,7 +102,8 @@ class WebhookDispatcher:
         task = delivery.task
         if delivery.attempt == 1 and not delivery.duplicate:
             if self.state.take_fault(("webhook_drop",), "POST") is not None:
-                self._log(task, delivery.attempt, "dropped", self.state.status_word(task, self.state.phase(task)))
+                status = self.state.status_word(task, self.state.phase(task))
+                self._log(task, delivery.attempt, "dropped", status, self.state.clock())
                 return
         if delivery.body is None:
             if self.state.phase(task) == "completed":
@@ -117,12 +118,13 @@ class WebhookDispatcher:
         webhook = task.request.config.webhook_config if task.request.config else None
         assert webhook is not None
         headers = {"x-webhook-secret": webhook.secret} if webhook.secret else {}
+        sent = self.state.clock()
         try:
             response = await self._client().post(webhook.endpoint, json=body, headers=headers)
             outcome, ok = str(response.status_code), response.is_success
         except httpx.HTTPError as exc:
             outcome, ok = type(exc).__name__, False
-        self._log(task, delivery.attempt, outcome, str(body["data"]["status"]))
+        self._log(task, delivery.attempt, outcome, str(body["data"]["status"]), sent)
         if not ok and delivery.attempt < self.state.config.webhook_attempts:
             due = self.state.clock() + self.state.config.webhook_retry_seconds
             self._push(_Delivery(due, next(self._seq), task, delivery.event, delivery.attempt + 1, body=body))
@@ -136,9 +138,16 @@ class WebhookDispatcher:
         if self._http is not None:
             await self._http.aclose()
 
-    def _log(self, task: SimTask, attempt: int, outcome: str, status: str = "") -> None:
+    def _log(self, task: SimTask, attempt: int, outcome: str, status: str, sent: float) -> None:
         self.state.webhook_log.append(
-            {"task_id": task.task_id, "status": status, "attempt": attempt, "outcome": outcome, "at": time.time()}
+            {
+                "task_id": task.task_id,
+                "status": status,
+                "attempt": attempt,
+                "outcome": outcome,
+                "at": time.time(),
+                "sent": sent,
+            }
         )
         logger.debug("simulator: webhook for %s (%s), attempt %d: %s", task.task_id, status, attempt, outcome)
 

@@ -1,0 +1,247 @@
+"""Detection overhead: how long after PiAPI finishes a task does the tool call return?
+
+Runs the real server (tool calls over MCP: submit, wait, save, thumbnail) against the built-in
+simulator with PiAPI-like durations (`PIAPI_LIKE_PROFILES`: queue and run times drawn per model,
+seeded) and measures, for every task,
+
+    overhead = when the tool call returned - when the simulator finished the task
+
+(both on this process's monotonic clock), and the GETs the task cost at the simulator. Per
+duration profile (~4 s schnell, ~20 s dev, ~33 s dev-advanced, each with some queue time) it runs
+15 concurrent tasks, after 5 warm-up tasks of the same kind where the policy may learn, for:
+
+- ours, learned: the default learned schedule, after the warm-ups;
+- ours, cold: the same with an empty ledger and no warm-ups (built-in priors only);
+- ours + webhooks: HTTP mode with FLUX_MCP_PUBLIC_URL, the simulator pushing PiAPI-format
+  webhooks to the server's receiver, after the warm-ups (also shown: the overhead counted from
+  when the completion webhook was sent);
+- PiAPI's MCP server's fixed interval (timeout / 30: 2 s for schnell, 4 s for the others);
+- a fixed 0.5 s poller;
+- PiAPI's CLI backoff (1 s x 1.5, capped at 30 s).
+
+The fixed policies run inside this same server (`ServerOptions(policy=...)`), so every row pays
+the same save and thumbnail costs and the differences are the schedules'. The 5 warm-ups run
+at once; every policy runs them (the cold one against a throwaway ledger) so that all measured
+batches are alike. The policies run side by side against one simulator, started 3 s apart so
+their batches do not finish on the same CPUs at the same moment; the simulator renders each
+image while its task runs, as PiAPI does. A full run takes about three minutes, `--quick` (the
+~4 s profile only) about half a minute. Figures are noisy on a busy machine: run it twice.
+
+    python bench/detection.py [--quick] [--tasks 15] [--warmups 5] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from mcp import Client
+
+from flux_mcp.http_app import build_http_app
+from flux_mcp.polling import BackoffPolicy, PollPolicy
+from flux_mcp.server import ServerOptions, create_server
+from flux_mcp.settings import Settings
+from flux_mcp.simulator import (
+    PIAPI_LIKE_PROFILES,
+    RunningSimulator,
+    SimTask,
+    bind_socket,
+    running_app,
+    running_simulator,
+)
+from flux_mcp.simulator.app import ensure_rendered
+
+# The policies start this far apart, so their batches of 15 do not finish at the same moment on
+# the same CPUs (which would measure the machine, not the schedules).
+STAGGER_SECONDS = 3.0
+PROFILES = {  # label -> model; PIAPI_LIKE_PROFILES[model] sets the durations
+    "~4 s (schnell)": "Qubico/flux1-schnell",
+    "~20 s (dev)": "Qubico/flux1-dev",
+    "~33 s (dev-advanced)": "Qubico/flux1-dev-advanced",
+}
+
+
+@dataclass(frozen=True)
+class Fixed:
+    seconds: float
+
+    def interval(self, attempt: int) -> float:
+        return self.seconds
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    policy: PollPolicy | None = None  # None: the learned schedule
+    warm: bool = True  # False: measured with an empty ledger (its warm-ups go to a throwaway one)
+    webhooks: bool = False
+    piapi_mcp: bool = False  # the interval depends on the model
+
+
+POLICIES = [
+    Policy("ours, learned"),
+    Policy("ours, cold", warm=False),
+    Policy("ours + webhooks", webhooks=True),
+    Policy("PiAPI MCP fixed 2 s / 4 s", piapi_mcp=True),
+    Policy("fixed 0.5 s", Fixed(0.5)),
+    Policy("PiAPI CLI 1 s x1.5", BackoffPolicy(first=(1.0,), factor=1.5, cap=30.0)),
+]
+
+
+@dataclass
+class Measured:
+    overheads: list[float] = field(default_factory=list)
+    after_push: list[float] = field(default_factory=list)
+    gets: list[int] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def connect(sim: RunningSimulator, policy: Policy, model: str, folder: Path) -> AsyncIterator[Client]:
+    settings = Settings(
+        api_key=sim.api_key,
+        base_url=sim.base_url,
+        data_dir=folder / "data",
+        output_dir=folder / "images",
+        image_roots=[folder],
+        wait_seconds=300,
+    )
+    chosen = Fixed(2.0 if "schnell" in model else 4.0) if policy.piapi_mcp else policy.policy
+    if not policy.webhooks:
+        async with Client(create_server(settings, ServerOptions(policy=chosen))) as client:
+            yield client
+        return
+    sock = bind_socket()
+    settings = settings.model_copy(update={"public_url": f"http://127.0.0.1:{sock.getsockname()[1]}"})
+    app = build_http_app(settings, options=ServerOptions(policy=chosen))
+    async with running_app(app, sock=sock) as url, Client(f"{url}/mcp") as client:
+        yield client
+
+
+async def generate(client: Client, model: str, prompt: str) -> tuple[str, float]:
+    args = {"prompt": prompt, "model": model, "width": 1024, "height": 1024}
+    result = await client.call_tool("flux_txt2img", args)
+    returned = anyio.current_time()
+    body: dict[str, Any] = result.structured_content or {}
+    if body.get("status") != "completed":
+        raise RuntimeError(f"a task did not complete: {body.get('status')} {body.get('error')}")
+    return str(body["task_id"]), returned
+
+
+async def warm_up(client: Client, model: str, count: int) -> None:
+    async with anyio.create_task_group() as tg:
+        for i in range(count):
+            tg.start_soon(generate, client, model, f"warm-up {i}")
+
+
+async def run_policy(
+    sim: RunningSimulator,
+    policy: Policy,
+    model: str,
+    args: argparse.Namespace,
+    root: Path,
+    out: Measured,
+    start_after: float,
+) -> None:
+    results: list[tuple[str, float]] = []
+    await anyio.sleep(start_after)
+    # Every policy runs its warm-ups, so all measured tasks start together; the cold one runs them
+    # against a throwaway ledger, so it measures with an empty one.
+    if not policy.warm:
+        with tempfile.TemporaryDirectory(dir=root) as folder:
+            async with connect(sim, policy, model, Path(folder)) as client:
+                await warm_up(client, model, args.warmups)
+    with tempfile.TemporaryDirectory(dir=root) as folder:
+        async with connect(sim, policy, model, Path(folder)) as client:
+            if policy.warm:
+                await warm_up(client, model, args.warmups)
+
+            async def one(i: int) -> None:
+                results.append(await generate(client, model, f"{policy.name} {i}"))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(args.tasks):
+                    tg.start_soon(one, i)
+    for task_id, returned in results:
+        out.overheads.append(returned - sim.state.tasks[task_id].ends)
+        out.gets.append(sum(1 for e in sim.state.log if e["method"] == "GET" and e["task_id"] == task_id))
+        sent = [w["sent"] for w in sim.state.webhook_log if w["task_id"] == task_id and w["status"] == "completed"]
+        if sent:
+            out.after_push.append(returned - min(sent))
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms"
+
+
+async def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.ERROR)
+    chosen = dict(list(PROFILES.items())[:1]) if args.quick else PROFILES
+    async with running_simulator() as sim, anyio.create_task_group() as renders:
+        prerender(sim, renders)
+        profiles_config = {m: PIAPI_LIKE_PROFILES[m].model_dump() for m in PROFILES.values()}
+        sim.state.configure(profiles=profiles_config, seed=args.seed)
+        with tempfile.TemporaryDirectory() as root:
+            for label, model in chosen.items():
+                measured = {policy.name: Measured() for policy in POLICIES}
+                async with anyio.create_task_group() as tg:
+                    for k, policy in enumerate(POLICIES):
+                        offset = k * STAGGER_SECONDS
+                        tg.start_soon(run_policy, sim, policy, model, args, Path(root), measured[policy.name], offset)
+                report(label, model, args, measured)
+        renders.cancel_scope.cancel()
+
+
+def prerender(sim: RunningSimulator, renders: TaskGroup) -> None:
+    """The simulator renders each task's PNG while it runs, as PiAPI would, instead of inside the
+    first GET that sees it completed: that CPU time is PiAPI's, not part of anyone's overhead."""
+    create = sim.state.create_task
+
+    def create_and_render(*args: Any, **kwargs: Any) -> SimTask:
+        task = create(*args, **kwargs)
+        renders.start_soon(ensure_rendered, sim.state, task)
+        return task
+
+    sim.state.create_task = create_and_render  # type: ignore[method-assign]
+
+
+def report(label: str, model: str, args: argparse.Namespace, measured: dict[str, Measured]) -> None:
+    profile = PIAPI_LIKE_PROFILES[model]
+    print(
+        f"\n{label}: queue ~{profile.queue_seconds:g} s + run ~{profile.run_seconds:g} s, "
+        f"{args.tasks} concurrent tasks per policy (after {args.warmups} warm-ups where marked)"
+    )
+    base = measured["ours, learned"]
+    base_p50, base_gets = statistics.median(base.overheads), statistics.fmean(base.gets)
+    print(f"{'policy':<28}{'p50':>10}{'p95':>10}{'GETs/task':>11}{'p50 / ours':>12}{'GETs / ours':>13}")
+    for name, m in measured.items():
+        p50, gets = statistics.median(m.overheads), statistics.fmean(m.gets)
+        print(
+            f"{name:<28}{ms(p50):>10}{ms(p(m.overheads, 0.95)):>10}{gets:>11.1f}"
+            f"{p50 / base_p50:>11.1f}x{gets / base_gets:>12.2f}x"
+        )
+    push = measured["ours + webhooks"].after_push
+    if push:
+        print(f"{'  (webhooks, after the push)':<28}{ms(statistics.median(push)):>10}{ms(p(push, 0.95)):>10}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the ~4 s profile only")
+    parser.add_argument("--tasks", type=int, default=15, help="concurrent tasks per policy and profile")
+    parser.add_argument("--warmups", type=int, default=5, help="tasks of the same kind before measuring")
+    parser.add_argument("--seed", type=int, default=1, help="seeds the simulated durations")
+    anyio.run(main, parser.parse_args())
