@@ -19,8 +19,8 @@ Where the polls go is a `Schedule`:
   the tail polls at growing intervals from a floor, so a task far past its expected end slows
   down instead of hammering PiAPI. While a kind has no learned samples yet (the priors only),
   the budget is one GET per `COLD_SECONDS_PER_GET` of expected time, and no gap is longer than
-  the task's age (twice it past 5 s; at least `COLD_GAP_SECONDS`), so a backend far faster than
-  the prior is still noticed soon. A kind with no estimate at all uses `FALLBACK`, a capped
+  the task's age (twice it for kinds expected to take over 10 s; at least `COLD_GAP_SECONDS`), so
+  a backend far faster than the prior is still noticed soon. A kind with no estimate at all uses `FALLBACK`, a capped
   geometric schedule. With push delivery, polling is a sparse safety net: one poll near the 90th
   percentile, then the tail (a gap of at least `COLD_PUSH_GAP_SECONDS` while cold).
 - `PolicySchedule`: a plain interval policy (`BackoffPolicy`), for tests and callers that want
@@ -146,7 +146,7 @@ class LearnedSchedule:
             # Priors only: never wait longer than the task's age (at least a couple of seconds), so a
             # backend much faster than the prior (the simulator, a quiet hour) is not kept waiting.
             age = now - self.to_local(record.created_at)
-            stretch = 1.0 if age < COLD_GAP_SECONDS * 2.5 else 2.0
+            stretch = 1.0 if self.estimate.expected_total() < 5 * COLD_GAP_SECONDS else 2.0  # long kinds: fewer
             due = min(due, now + max(COLD_PUSH_GAP_SECONDS if self.push else COLD_GAP_SECONDS, stretch * age))
         return max(due, now + MIN_GAP_SECONDS if self.spent() else now)
 

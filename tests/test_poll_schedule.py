@@ -138,7 +138,11 @@ async def test_a_cold_kind_never_waits_longer_than_the_tasks_age():
     assert task.gets == [COLD_GAP_SECONDS]
     later = FakeTask(FakeTime(), queue=0.1, run=7.0)
     await run(planner_for(later.time), later, DEV)
-    assert later.gets[:3] == [2.0, 4.0, 8.0]  # gaps no longer than the age, then twice it
+    assert later.gets[:2] == [2.0, 6.0]  # gaps no longer than twice the age for a ~20 s kind
+    schnell = TaskKind.of("Qubico/flux1-schnell", "txt2img", {})
+    quick = FakeTask(FakeTime(), queue=0.1, run=3.0)
+    await run(planner_for(quick.time), quick, schnell)
+    assert quick.gets[:2] == [2.0, 4.0]  # and than the age itself for a ~4 s one
 
 
 async def test_an_unknown_kind_falls_back_to_the_capped_geometric_schedule():
