@@ -145,6 +145,6 @@ async def run_demo(output_dir: str = "demo-output") -> int:
             tasks = (listed.structured_content or {}).get("tasks", [])
             print(f"\nledger: {len(tasks)} tasks recorded in {out / 'data'}")
     print(f"\nimages and JSON sidecars: {out / 'images'}")
-    print(f"browse them with their prompts: piapi-flux-mcp gallery --data-dir {out / 'data'}")
+    print(f"browse them with their prompts: {sys.executable} -m flux_mcp gallery --data-dir {out / 'data'}")
     print("all tools completed" if not failures else f"{failures} call(s) failed")
     return 1 if failures else 0

@@ -254,5 +254,7 @@ def serve_http(settings: Settings, *, host: str, port: int, **uvicorn_options: A
         print(f"piapi-flux-mcp: {warning}", file=sys.stderr)
     wildcard = " (all interfaces)" if not is_loopback(host) and host.strip("[]") in ("0.0.0.0", "::") else ""
     print(f"piapi-flux-mcp: MCP endpoint {endpoint_url(sock, host)}{wildcard}", file=sys.stderr, flush=True)
+    gallery = endpoint_url(sock, host).removesuffix(MCP_PATH) + "/gallery/"
+    print(f"piapi-flux-mcp: history page {gallery}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_config=None, log_level=settings.log_level.lower(), **uvicorn_options)
     uvicorn.Server(config).run(sockets=[sock])

@@ -279,6 +279,15 @@ async def test_the_app_view_in_a_host_shows_results_and_calls_the_right_tools(br
         await page.wait_for_function("() => window.calls.some(c => c.params && c.params.name === 'flux_cancel_task')")
         assert ("flux_cancel_task", {"task_id": running_id}) in await host.tool_calls()
 
+        # A task that finishes while shown: the view follows it to its images.
+        sim.state.configure(durations={"Qubico/flux1-dev": 2.5})
+        soon = await client.call_tool("flux_txt2img", {**run_args, "prompt": "done in a moment"})
+        assert soon.structured_content["status"] in ("pending", "processing")
+        await host.show({**run_args, "prompt": "done in a moment"}, soon)
+        view = host.view()
+        await view.wait_for_selector(".detail[data-status=completed] .images img", timeout=20_000)
+        assert (await rendered_widths(view, ".detail .images img"))[0] > 0
+
         # A failed task: the error, no images, no polling.
         sim.state.add_fault("fail_next", code=10001, message="nsfw content detected")
         failed = await client.call_tool("flux_txt2img", {"prompt": GALLERY_PROMPTS["failed"]})

@@ -108,3 +108,35 @@ def test_the_gallery_command_prints_its_url_and_serves_it(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_serve_http_prints_the_history_page_url(tmp_path):
+    import os
+    import time
+
+    token = "a-long-enough-test-token-1234"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIAPI_", "FLUX_MCP_"))}
+    env |= {"FLUX_MCP_DATA_DIR": str(tmp_path / "data"), "FLUX_MCP_OUTPUT_DIR": str(tmp_path / "images")}
+    env |= {"FLUX_MCP_AUTH_TOKEN": token}
+    argv = [sys.executable, "-m", "flux_mcp", "--simulate", "serve", "--transport", "http", "--port", "0"]
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, seen = time.monotonic() + 20, []
+        while not any(b"history page" in line for line in seen):
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            seen.append(proc.stderr.readline())
+        url = re.search(rb"history page (\S+)", b"".join(seen)).group(1).decode()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/gallery/", url)
+        for _ in range(200):  # printed once the socket listens; the app may still be starting
+            try:
+                answer = httpx.get(url + "api/tasks", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert answer.status_code == 200 and answer.json()["total"] == 0
+        assert httpx.get(url, timeout=10).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stderr.close()
