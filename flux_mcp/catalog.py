@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -94,7 +95,25 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def check_http_url(value: str) -> str:
+    """An absolute http(s) URL with a host (and, if given, a valid port); nothing else passes."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme.lower() not in ("http", "https")
+        or not parts.hostname
+        or any(ch.isspace() or ord(ch) < 32 for ch in value)
+    ):
+        raise ValueError("must be an absolute http:// or https:// URL with a host")
+    return value
+
+
 Prompt = Annotated[str, AfterValidator(_not_blank)]
+HttpUrlText = Annotated[str, AfterValidator(check_http_url)]
 NegativePrompt = str
 GuidanceScale = Annotated[float, Field(ge=1.5, le=5)]
 Denoise = Annotated[float, Field(gt=0, le=1)]
@@ -239,7 +258,7 @@ INPUT_MODELS: dict[TaskType, type[TaskInput]] = {
 
 
 class WebhookConfig(_Strict):
-    endpoint: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")]
+    endpoint: HttpUrlText
     secret: str = ""
 
 

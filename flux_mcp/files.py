@@ -24,6 +24,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -33,7 +34,8 @@ import anyio
 import anyio.to_thread
 
 from flux_mcp import errors
-from flux_mcp.ledger import SavedImageRow
+from flux_mcp.catalog import check_http_url
+from flux_mcp.ledger import SavedImageRow, pid_is_gone
 from flux_mcp.record import is_valid_task_id
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ _MIME_BY_SUFFIX = {f".{ext}": mime for mime, ext in _EXTENSIONS.items()} | {".jp
 # Types a file host may send for anything; accepted only when the magic bytes say image.
 _GENERIC_TYPES = frozenset({"", "image/jpg", "application/octet-stream", "binary/octet-stream", "application/binary"})
 _SNIFF_BYTES = 12
+# A `.part` file untouched this long belongs to no live download (they write every few seconds).
+STALE_PART_SECONDS = 3600
 _PILLOW_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 _DATA_URI = re.compile(r"^data:image/(png|jpeg|webp);base64,(.*)$", re.IGNORECASE | re.DOTALL)
 # Two or more letters, so a Windows drive letter ("C:\\x") still reads as a path.
@@ -79,16 +83,48 @@ def _cleanup(*paths: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def sweep_partial_files(directory: Path, *, now: float | None = None) -> list[Path]:
+    """Delete the `.part` files a killed download left in `directory`: those whose writing
+    process (its pid is in the name) is gone, and any untouched for `STALE_PART_SECONDS` (a live
+    download writes far more often). Returns what was deleted. Blocking."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        candidates = [p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(".part")]
+    except OSError:
+        return removed
+    for path in candidates:
+        base = path.name.removesuffix(".part").removesuffix(".json")
+        pid = base.rsplit(".", 2)[1] if base.count(".") >= 3 else ""
+        try:
+            stale = now - path.lstat().st_mtime > STALE_PART_SECONDS
+            if stale or (pid.isdigit() and int(pid) != os.getpid() and pid_is_gone(int(pid))):
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d unfinished download(s) from %s", len(removed), directory)
+    return removed
+
+
 class ImageStore:
-    """Saves downloaded task images as `<task_id>_<n>.<ext>` plus a `<task_id>_<n>.json` sidecar."""
+    """Saves downloaded task images as `<task_id>_<n>.<ext>` plus a `<task_id>_<n>.json` sidecar.
+
+    Temp files are `.<task_id>_<n>.<pid>.<random>.part`; the first use of a store (after a
+    start-up) sweeps those whose process is gone (see `sweep_partial_files`)."""
 
     def __init__(self, output_dir: Path, *, max_bytes: int) -> None:
         self.output_dir = Path(output_dir)
         self.max_bytes = max_bytes
+        self._swept = False
 
     def _open_temp(self, stem: str) -> tuple[IO[bytes], Path]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.output_dir, prefix=f".{stem}.", suffix=".part")
+        if not self._swept:
+            self._swept = True
+            sweep_partial_files(self.output_dir)
+        fd, name = tempfile.mkstemp(dir=self.output_dir, prefix=f".{stem}.{os.getpid()}.", suffix=".part")
         return os.fdopen(fd, "wb"), Path(name)
 
     async def save(
@@ -308,12 +344,9 @@ class InputResolver:
         lowered = text.lower()
         if lowered.startswith(("http://", "https://")):
             try:
-                host = urlsplit(text).hostname
+                return check_http_url(text)
             except ValueError:
-                host = None
-            if not host:
-                raise errors.InvalidInputError(f"{field}: {text} is not a valid URL")
-            return text
+                raise errors.InvalidInputError(f"{field}: {text} is not a valid URL (no host?)") from None
         if lowered.startswith("data:"):
             await anyio.to_thread.run_sync(self._check_data_uri, text, field)
             return text

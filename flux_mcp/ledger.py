@@ -90,8 +90,15 @@ def owner_is_gone(owner: str | None) -> bool:
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit():
         return False
+    return pid_is_gone(int(pid))
+
+
+def pid_is_gone(pid: int) -> bool:
+    """True only when no process `pid` exists on this host (never on Windows, where it cannot be probed)."""
+    if os.name != "posix":
+        return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except OSError:

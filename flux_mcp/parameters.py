@@ -73,7 +73,7 @@ PARAMETERS: dict[str, ToolParameter] = {
         _p("outpaint_top", c.OutpaintPixels, "Pixels to add on top.", 0),
         _p("outpaint_bottom", c.OutpaintPixels, "Pixels to add at the bottom.", 0),
         _p("service_mode", c.ServiceMode | None, "PiAPI service mode.", None),
-        _p("webhook_endpoint", str | None, "Webhook URL for task updates.", None),
+        _p("webhook_endpoint", c.HttpUrlText | None, "Webhook URL for task updates.", None),
         _p("webhook_secret", str | None, "Webhook secret header value.", None),
         _p(
             "wait_seconds",
@@ -123,13 +123,18 @@ class TaskTool:
         fields: dict[str, Any] = {
             p.name: (p.annotation, ... if p.default is REQUIRED else p.default) for p in self.all_parameters()
         }
-        return create_model(f"{self.name}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
+        # Strict: a boolean is a JSON boolean and an integer a JSON integer; "512", " 512 ", true
+        # and 512.5 are refused, never coerced into something the caller did not send.
+        config = ConfigDict(extra="forbid", strict=True)
+        return create_model(f"{self.name}_arguments", __config__=config, **fields)
 
     def validate_arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """Validate; null, and "" for an optional text argument, mean "not given" (clients in
-        strict function-calling modes must send every property, and send these for the unset ones)."""
+        """Validate strictly. For an optional argument (one whose default is "not given"), null and
+        "" mean "not given": clients in strict function-calling modes send every property and these
+        for the unset ones. An argument with a real default (width, batch_size, dry_run, ...) takes
+        no null: a broken value must never quietly become the default of a paid call."""
         optional = {p.name for p in self.all_parameters() if p.default is None}
-        given = {k: v for k, v in arguments.items() if v is not None and not (v == "" and k in optional)}
+        given = {k: v for k, v in arguments.items() if not (k in optional and (v is None or v == ""))}
         try:
             return dict(self.arguments_model.model_validate(given))
         except ValidationError as exc:

@@ -173,14 +173,15 @@ def to_call_result(
         for data, mime in previews[:MAX_INLINE_IMAGES]
     ]
     for n, image in enumerate(result.images):
-        if result.task_id:
+        # A link only where the resource can be read: `flux://` serves local copies alone.
+        if result.task_id and image.path:
             content.append(
                 ResourceLink(
                     type="resource_link",
                     name=f"{result.task_id}_{n}",
                     uri=f"flux://tasks/{result.task_id}/images/{n}",
                     mime_type=mime_of(image.path),
-                    description="Local copy" if image.path else "Not saved locally; PiAPI URL: " + image.url,
+                    description="Local copy",
                 )
             )
     return CallToolResult(content=content, structured_content=result.wire(), is_error=is_error)

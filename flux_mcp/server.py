@@ -22,7 +22,7 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
-from mcp.types import INVALID_PARAMS, CallToolResult, TextContent
+from mcp.types import INVALID_PARAMS
 from pydantic import ValidationError
 
 from flux_mcp import __version__
@@ -33,7 +33,7 @@ from flux_mcp.parameters import TASK_TOOLS
 from flux_mcp.schemas import compact_output, strip_titles
 from flux_mcp.settings import Settings
 from flux_mcp.startup import check_folders
-from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, register_app_tools, register_tools
+from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, list_failure, register_app_tools, register_tools
 
 if TYPE_CHECKING:
     import httpx
@@ -151,11 +151,10 @@ class FluxServer(MCPServer):
         except ToolError as exc:
             if not isinstance(exc.__cause__, ValidationError):
                 raise
-            # The same structured invalid_input error as the task tools give, where the tool's
-            # schema has room for it (flux_list_tasks publishes a list, so it gets the text alone).
+            # The same structured invalid_input error as the task tools give.
             error = InvalidInputError(describe_validation_error(exc.__cause__))
             if name == "flux_list_tasks":
-                return CallToolResult(content=[TextContent(type="text", text=error.message)], is_error=True)
+                return list_failure(error)
             return failure_result(error, cancel=name == "flux_cancel_task")
 
     async def get_prompt(

@@ -32,8 +32,8 @@ from mcp.server.apps import Apps
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.server.mcpserver.resolve import Elicit, ElicitationResult, Resolve
-from mcp.types import CallToolResult, ToolAnnotations
-from pydantic import BaseModel, Field
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, Strict
 
 from flux_mcp.confirmation import SpendApproval, Unasked, refusal, spend_question
 from flux_mcp.errors import FluxError, InvalidInputError, NotFoundError
@@ -45,8 +45,10 @@ from flux_mcp.results import (
     FAILED_STATUSES,
     MAX_INLINE_IMAGES,
     CancelResult,
+    ErrorOut,
     TaskResult,
     error_result,
+    summary_text,
     task_result,
     to_call_result,
 )
@@ -108,8 +110,18 @@ class TaskSummary(BaseModel):
 
 class TaskList(BaseModel):
     tasks: list[TaskSummary]
-    spent_today_usd: float
+    spent_today_usd: float | None  # null only in an error result
     daily_budget_usd: float | None  # null = no daily limit
+    error: ErrorOut | None  # null, or (with isError) why the arguments were refused
+
+
+def list_failure(exc: FluxError) -> CallToolResult:
+    """`flux_list_tasks`'s error result: the same structured `error` object as every other tool."""
+    result = TaskList(tasks=[], spent_today_usd=None, daily_budget_usd=None, error=ErrorOut(**exc.to_dict()))
+    text = summary_text(error_result(exc))
+    return CallToolResult(
+        content=[TextContent(type="text", text=text)], structured_content=result.model_dump(mode="json"), is_error=True
+    )
 
 
 class _Progress:
@@ -382,7 +394,9 @@ def _register_task_management(mcp: MCPServer) -> None:
     async def flux_wait_task(
         task_id: TaskId,
         ctx: Context,
-        wait_seconds: Annotated[float | None, Field(ge=0, le=600, description="Seconds to wait (default 45).")] = None,
+        wait_seconds: Annotated[
+            float | None, Strict(), Field(ge=0, le=600, description="Seconds to wait (default 45).")
+        ] = None,
     ) -> ReturnsTask:
         """Keep waiting for a task that came back 'processing'."""
         state = _state(ctx)
@@ -414,12 +428,13 @@ def _register_task_management(mcp: MCPServer) -> None:
         ctx: Context,
         status: Annotated[ListStatus | None, Field(description="Only this status (null = any).")] = None,
         task_type: Annotated[TaskTypeName | None, Field(description="Only this task type (null = any).")] = None,
-        limit: Annotated[int, Field(ge=1, le=200, description="Newest first, at most this many.")] = 20,
+        limit: Annotated[int, Strict(), Field(ge=1, le=200, description="Newest first, at most this many.")] = 20,
     ) -> TaskList:
         """Tasks from the local ledger, newest first."""
         state = _state(ctx)
         entries = await state.service.ledger.list(status=status, task_type=task_type, limit=limit)
         return TaskList(
+            error=None,
             tasks=[_summary(e) for e in entries],
             spent_today_usd=await state.service.spent_today(),
             daily_budget_usd=state.settings.daily_budget_usd,

@@ -27,9 +27,9 @@ ALL_TOOL_NAMES = [*MODEL_TOOL_NAMES, "flux_rerun"]  # flux_rerun: the gallery Ap
 # full output schema each measure ~26.8k after compaction (no titles, no null branches, inlined
 # output models); the budget below freezes that so any growth is a deliberate change of this number.
 # +800: today's spend and the dry run's spend-guard decision in every task result and the list;
-# +100: the `lost` status;
+# +100: the `lost` status; +200: flux_list_tasks's structured error;
 # +800: `_meta.ui.resourceUri` (the gallery App) on the tools that show it.
-TOOLS_LIST_BUDGET_CHARS = 28_700
+TOOLS_LIST_BUDGET_CHARS = 28_900
 RESULT_KEYS = {"task_id", "model", "task_type", "status", "images", "error", "created_at", "elapsed_seconds"}
 
 
@@ -562,7 +562,13 @@ async def test_management_tools_report_bad_arguments_the_same_way(client, tool, 
     jsonschema.validate(result.structured_content, schemas[tool])
 
 
-async def test_list_tasks_reports_bad_arguments_as_text(client):
-    result = await client.call_tool("flux_list_tasks", {"limit": 0})
-    assert result.is_error and result.structured_content is None
-    assert "limit: Input should be greater than or equal to 1" in result.content[0].text
+async def test_list_tasks_reports_bad_arguments_like_every_other_tool(client):
+    import jsonschema
+
+    schemas = {t.name: t.output_schema for t in (await client.list_tools()).tools}
+    for bad in ({"limit": 0}, {"limit": "5"}, {"limit": True}, {"status": "done"}):
+        result = await client.call_tool("flux_list_tasks", bad)
+        error = result.structured_content["error"]
+        assert result.is_error and error["category"] == "invalid_input"
+        assert next(iter(bad)) in error["message"] and error["message"] in result.content[0].text
+        jsonschema.validate(result.structured_content, schemas["flux_list_tasks"])
