@@ -66,9 +66,10 @@ def load_settings(**overrides: Any) -> Settings:
 
 def check_folders(settings: Settings) -> None:
     """Create the data folder (and the output folder when saving images) and prove each writable."""
-    folders = [("FLUX_MCP_DATA_DIR", settings.data_dir)]
+    # The folders really used: with --simulate, their `simulator` sub-folders.
+    folders = [("FLUX_MCP_DATA_DIR", settings.state_dir)]
     if settings.save_images:
-        folders.append(("FLUX_MCP_OUTPUT_DIR", settings.output_dir))
+        folders.append(("FLUX_MCP_OUTPUT_DIR", settings.images_dir))
     for variable, folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
