@@ -86,7 +86,7 @@ def _dead_pid() -> int:
 
 async def test_partial_files_of_killed_downloads_are_swept_at_the_first_save(server, settings, sim):
     images = settings.images_dir
-    images.mkdir(parents=True)
+    images.mkdir(parents=True, exist_ok=True)
     dead, alive = _dead_pid(), os.getppid()
     killed = [images / f".t-1_0.{dead}.abcd1234.part", images / f".t-1_0.{dead}.abcd1234.json.part"]
     old = images / f".t-2_0.{alive}.zz.part"
