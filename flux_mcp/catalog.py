@@ -321,6 +321,19 @@ class TaskRequest(_Strict):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+def expected_images(payload: dict[str, Any]) -> int:
+    """How many images a task created with `payload` may return: its batch size, plus the control
+    map when ControlNet was asked for it. For a payload we do not know, the most any task returns."""
+    data = payload.get("input") if isinstance(payload, dict) else None
+    if not isinstance(data, dict):
+        return MAX_BATCH_SIZE + 1
+    count = data.get("batch_size") if isinstance(data.get("batch_size"), int) else DEFAULT_BATCH_SIZE
+    controls = data.get("control_net_settings")
+    if isinstance(controls, list) and any(isinstance(c, dict) and c.get("return_preprocessed_image") for c in controls):
+        count += 1
+    return max(1, count)
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line per problem, naming the field, the rule and the allowed values."""
     lines = []

@@ -29,6 +29,7 @@ import anyio
 import httpx
 
 from flux_mcp import errors
+from flux_mcp.download import AddressPolicy, DownloadLimits, download_client, limited_body
 from flux_mcp.record import TaskRecord, is_valid_task_id
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,23 @@ class RetryPolicy:
         if retry_after is not None:
             return max(backoff, min(retry_after, self.max_retry_after_seconds))
         return backoff
+
+
+@dataclass(frozen=True)
+class Download:
+    """A download in progress: its headers, and its body under the policy's time and rate limits."""
+
+    response: httpx.Response
+    url: str
+    limits: DownloadLimits
+    started: float
+
+    @property
+    def headers(self) -> httpx.Headers:
+        return self.response.headers
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return limited_body(self.response, self.url, self.limits, started=self.started, clock=anyio.current_time)
 
 
 @dataclass(frozen=True)
@@ -90,7 +108,11 @@ class PiAPIClient:
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         rand: Callable[[], float] = random.random,
+        download_http: httpx.AsyncClient | None = None,
+        download_limits: DownloadLimits | None = None,
     ) -> None:
+        """`http` serves API calls (and, when given without `download_http`, downloads too: a test
+        seam). Otherwise downloads get their own client, guarded by `flux_mcp.download`."""
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._secrets: set[str] = set()
@@ -103,6 +125,13 @@ class PiAPIClient:
             max_redirects=5,
         )
         self._owns_http = http is None
+        self.download_limits = download_limits or DownloadLimits()
+        self._download_http = download_http or (
+            http
+            if http is not None
+            else download_client(AddressPolicy(self.base_url), timeout=timeout, limits=self.download_limits)
+        )
+        self._owns_download_http = download_http is None and http is None
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         self._rand = rand
@@ -110,6 +139,8 @@ class PiAPIClient:
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
+        if self._owns_download_http:
+            await self._download_http.aclose()
 
     async def __aenter__(self) -> PiAPIClient:
         return self
@@ -154,15 +185,18 @@ class PiAPIClient:
     # --- downloads (no API key: these URLs belong to PiAPI's file host) -----------------------
 
     @asynccontextmanager
-    async def stream_download(self, url: str) -> AsyncIterator[httpx.Response]:
+    async def stream_download(self, url: str) -> AsyncIterator[Download]:
+        """GET an image URL under the download policy (`flux_mcp.download`): addresses checked on
+        every hop, at most 5 redirects, and the body cut off when it is too slow or too long."""
+        started = anyio.current_time()
         try:
-            async with self._http.stream("GET", url, follow_redirects=True) as response:
+            async with self._download_http.stream("GET", url, follow_redirects=True) as response:
                 if response.status_code != 200:
                     raise errors.StorageError(
                         f"downloading {url} failed with HTTP {response.status_code}",
                         retryable=response.status_code >= 500,
                     )
-                yield response
+                yield Download(response, url, self.download_limits, started)
         except httpx.TimeoutException as exc:
             raise errors.RequestTimeoutError(f"downloading {url} timed out") from exc
         except httpx.HTTPError as exc:  # transport failures, redirect loops, undecodable bodies

@@ -5,10 +5,14 @@ write outside the output directory, fill the disk, or leave a half-written file 
 looks complete; an image argument could make the server read `~/.ssh/id_rsa` and ship it to a
 third party. Keeping the rules in one module means there is one place to audit. Writes stream
 into a temp file in the destination directory (size capped while streaming, type checked by
-magic bytes, not by the server's word) and are renamed into place only when complete. Reads
-resolve symlinks first and refuse anything outside the configured roots before a file is
-opened, and a path that does not exist outside the roots is reported as "outside", so the
-resolver cannot be used to probe for files. Blocking IO runs in worker threads.
+magic bytes, not by the server's word) and are renamed into place only when complete; what a
+killed process left half-written is swept. Reads resolve symlinks first and refuse anything
+outside the configured roots, then open the file beneath its root one component at a time
+without following symlinks (so a path swapped after the check cannot lead outside) and read from
+that descriptor; a path that does not exist outside the roots is reported as "outside", so the
+resolver cannot be used to probe for files. Images are decoded (thumbnails) or accepted (inputs)
+only up to `MAX_IMAGE_PIXELS`, checked from the header. Where the bytes may come from, and how
+long they may take, is `flux_mcp.download`'s policy. Blocking IO runs in worker threads.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -25,6 +30,7 @@ import re
 import stat
 import tempfile
 import time
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -51,6 +57,9 @@ _MIME_BY_SUFFIX = {f".{ext}": mime for mime, ext in _EXTENSIONS.items()} | {".jp
 # Types a file host may send for anything; accepted only when the magic bytes say image.
 _GENERIC_TYPES = frozenset({"", "image/jpg", "application/octet-stream", "binary/octet-stream", "application/binary"})
 _SNIFF_BYTES = 12
+# The most pixels an image may have to be decoded (thumbnails) or accepted (inputs): 25 MP, e.g.
+# 6000x4000. Checked from the header, before decoding: a 12000x12000 PNG costs nothing.
+MAX_IMAGE_PIXELS = 25_000_000
 # A `.part` file untouched this long belongs to no live download (they write every few seconds).
 STALE_PART_SECONDS = 3600
 _PILLOW_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
@@ -261,7 +270,10 @@ def make_thumbnail(source: Path | bytes, *, max_side: int = 512, max_bytes: int 
     webp = _webp_available()
     fmt, mime = ("WEBP", "image/webp") if webp else ("JPEG", "image/jpeg")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+        with _open_header(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+            # Opening reads the header only: refuse a huge canvas before a single pixel is decoded.
+            _check_pixels(opened.size, _name(source))
+            opened.draft("RGB", (max_side, max_side))  # JPEG decodes at a reduced scale
             image = ImageOps.exif_transpose(opened)
             has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
             image = image.convert("RGBA" if has_alpha and webp else "RGB")
@@ -289,44 +301,103 @@ def _name(source: Path | bytes) -> str:
     return f"{len(source)} bytes" if isinstance(source, bytes) else str(source)
 
 
-def _identify(data: bytes) -> str | None:
-    """'png' | 'jpeg' | 'webp' when Pillow recognises the bytes as one of those, else None."""
+def _open_header(source: Any) -> Any:
+    """`Image.open` (it reads the header only); the size is checked against our own, lower
+    `MAX_IMAGE_PIXELS` before anything is decoded, so Pillow's bomb warning would only be noise."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
+def _check_pixels(size: tuple[int, int], name: str) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise errors.StorageError(
+            f"{name} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} this server decodes"
+        )
+
+
+def check_input_image(data: bytes, what: str) -> str:
+    """The format ('png' | 'jpeg' | 'webp') of an input image, read from its header alone; an
+    `InvalidInputError` if it is none of those or larger than `MAX_IMAGE_PIXELS`."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return _PILLOW_FORMATS.get(image.format or "")
+        with _open_header(io.BytesIO(data)) as image:
+            fmt, (width, height) = _PILLOW_FORMATS.get(image.format or ""), image.size
+    except Image.DecompressionBombError as exc:
+        raise errors.InvalidInputError(f"{what} has far too many pixels ({exc})") from None
     except Exception:  # Pillow raises many types for malformed input; all mean "not an image".
-        return None
+        fmt, width, height = None, 0, 0
+    if fmt is None:
+        raise errors.InvalidInputError(f"{what} is not a PNG, JPEG or WebP image")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise errors.InvalidInputError(
+            f"{what} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} accepted; scale it down first"
+        )
+    return fmt
 
 
-def to_data_uri(path: Path, *, max_bytes: int, field: str = "image") -> str:
-    """Turn a local image file (already checked to be inside the roots) into what PiAPI accepts.
+def _open_beneath(root: Path, relative: Path) -> int:
+    """Open `root/relative` one component at a time, each relative to the directory opened just
+    before and none followed if it is a symlink: whatever is swapped in meanwhile, the file opened
+    is beneath `root`. Where `dir_fd` is unsupported (Windows), the path is opened and its
+    descriptor's final path checked instead."""
+    base_flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    if os.open not in os.supports_dir_fd or not nofollow:  # pragma: no cover - Windows
+        fd = os.open(root / relative, base_flags)
+        if not Path(os.path.realpath(root / relative)).is_relative_to(root):
+            os.close(fd)
+            raise OSError(errno.ELOOP, "the path left its root while being opened")
+        return fd
+    fd = os.open(root, base_flags | getattr(os, "O_DIRECTORY", 0))
+    try:
+        parts = relative.parts
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            kind = getattr(os, "O_NONBLOCK", 0) if last else getattr(os, "O_DIRECTORY", 0)
+            child = os.open(part, base_flags | nofollow | kind, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def to_data_uri(path: Path, *, max_bytes: int, field: str = "image", root: Path | None = None) -> str:
+    """Turn a local image file inside `root` (default: its own directory) into what PiAPI accepts:
+    opened once beneath the root without following any symlink on the way, then read from that
+    descriptor, so a path swapped after it was checked cannot lead outside.
 
     This is the single place to change if we switch to PiAPI's upload endpoint instead of
     inlining local files as `data:` URIs.
     """
+    root = path.parent if root is None else root
     try:
-        info = os.stat(path)
+        fd = _open_beneath(root, path.relative_to(root))
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
             raise errors.InvalidInputError(f"{field}: {path} is not a regular file")
-        if info.st_size > max_bytes:
-            raise errors.InvalidInputError(
-                f"{field}: {path} is {info.st_size} bytes, more than the {max_bytes}-byte limit"
-            )
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-        with os.fdopen(os.open(path, flags | getattr(os, "O_BINARY", 0)), "rb") as handle:
-            opened = os.fstat(handle.fileno())
-            if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
-                raise errors.InvalidInputError(f"{field}: {path} changed while it was being read")
+        with os.fdopen(fd, "rb") as handle:
+            if info.st_size > max_bytes:
+                raise errors.InvalidInputError(
+                    f"{field}: {path} is {info.st_size} bytes, more than the {max_bytes}-byte limit"
+                )
             data = handle.read(max_bytes + 1)
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise errors.InvalidInputError(
+                f"{field}: {path} changed while it was being opened (a symlink appeared on the way)"
+            ) from exc
         raise errors.InvalidInputError(f"{field}: cannot read {path}: {exc.strerror or exc}") from exc
     if len(data) > max_bytes:
         raise errors.InvalidInputError(f"{field}: {path} is larger than the {max_bytes}-byte limit")
-    fmt = _identify(data)
-    if fmt is None:
-        raise errors.InvalidInputError(f"{field}: {path} is not a PNG, JPEG or WebP image")
+    fmt = check_input_image(data, f"{field}: {path}")
     return f"data:image/{fmt};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -385,8 +456,7 @@ class InputResolver:
             raise errors.InvalidInputError(f"{field}: the data URI is not valid base64") from exc
         if len(data) > self.max_bytes:
             raise errors.InvalidInputError(f"{field}: the data URI is larger than the {self.max_bytes}-byte limit")
-        if _identify(data) is None:
-            raise errors.InvalidInputError(f"{field}: the data URI does not hold a PNG, JPEG or WebP image")
+        check_input_image(data, f"{field}: the data URI")
 
     def _inside_roots(self, path: Path) -> bool:
         return any(path.is_relative_to(root) for root in self.roots)
@@ -415,6 +485,7 @@ class InputResolver:
             if not (self._inside_roots(lexical) and self._inside_roots(best)):
                 raise self._outside(text, field) from None
             raise errors.InvalidInputError(f"{field}: {text} does not exist or cannot be read") from exc
-        if not self._inside_roots(resolved):
+        root = next((root for root in self.roots if resolved.is_relative_to(root)), None)
+        if root is None:
             raise self._outside(text, field)
-        return to_data_uri(resolved, max_bytes=self.max_bytes, field=field)
+        return to_data_uri(resolved, max_bytes=self.max_bytes, field=field, root=root)

@@ -31,7 +31,7 @@ import anyio.lowlevel
 
 from flux_mcp import errors
 from flux_mcp.admission import AdmissionQueue, OnQueued
-from flux_mcp.catalog import TaskRequest, TaskType
+from flux_mcp.catalog import TaskRequest, TaskType, expected_images
 from flux_mcp.files import ImageStore, InputResolver, fetch_image, make_thumbnail
 from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id, owner_is_gone
 from flux_mcp.parameters import build_request
@@ -43,6 +43,8 @@ from flux_mcp.spend import SpendGuard, day_start
 from flux_mcp.timing import TaskKind
 
 if TYPE_CHECKING:  # the HTTP client (httpx) is loaded by whoever builds the service, on first use
+    from anyio.abc import TaskGroup
+
     from flux_mcp.client import CancelOutcome, PiAPIClient
 
 log = logging.getLogger(__name__)
@@ -101,12 +103,15 @@ class TaskService:
         planner: PollPlanner | None = None,
         events: TaskEvents | None = None,
         webhook: dict[str, str] | None = None,
+        background: TaskGroup | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         """`policy` fixes the poll intervals (default: the planner's learned schedule). `webhook`
         (`{endpoint, secret}`) is our own receiver: every create asks PiAPI to push to it, and
-        polling becomes a sparse safety net; `events` is where its pushes arrive."""
+        polling becomes a sparse safety net; `events` is where its pushes arrive. `background`
+        (the server's task group) lets a download outlive the call that started it; without it
+        downloads run inside the call."""
         self.settings = settings
         self.client = client
         self.ledger = ledger
@@ -119,6 +124,8 @@ class TaskService:
         self._clock = clock
         self._sleep = sleep
         self._owner = new_owner_id()
+        self.background = background
+        self._downloads: dict[str, _DownloadJob] = {}  # task id -> its download running in this process
         self.guard = SpendGuard(settings.daily_budget_usd, settings.confirm_above_usd)
         self._timings_loaded = False
         limit = settings.max_concurrent_tasks
@@ -387,6 +394,10 @@ class TaskService:
             self.planner.learn(record.task_id, record, kind)
             self._slot_freed()
         outcome = TaskOutcome(record=record, images=list(entry.images))
+        asked = expected_images(entry.payload)
+        if len(record.image_urls) > asked:  # never fetch or show more than the task asked for
+            outcome.notes.append(f"PiAPI listed {len(record.image_urls)} images; only the {asked} asked for are kept")
+            outcome.record = record = record.model_copy(update={"image_urls": record.image_urls[:asked]})
         if record.status != "completed" or self.store is None or not record.image_urls:
             return outcome
         outcome.images = await self._ensure_downloads(record, entry, outcome.notes, patience)
@@ -395,9 +406,48 @@ class TaskService:
     async def _ensure_downloads(
         self, record: TaskRecord, entry: LedgerEntry, notes: list[str], patience: float
     ) -> list[SavedImageRow]:
+        """Local copies of a completed task's images, waiting for them at most `patience` seconds
+        (the rest of the caller's deadline): a download still running then goes on in the
+        background, and the result says so."""
         if _all_saved(entry.images, record.image_urls):
             return list(entry.images)
-        deadline = self._clock() + min(patience, DOWNLOAD_WAIT_SECONDS)
+        job = self._downloads.get(record.task_id)
+        if job is None:
+            job = self._downloads[record.task_id] = _DownloadJob()
+            if self.background is None:
+                await self._download_job(record, entry, job)
+            else:
+                self.background.start_soon(self._download_job, record, entry, job)
+        with anyio.move_on_after(max(0.0, patience)):
+            await job.done.wait()
+        if job.done.is_set():
+            notes.extend(job.notes)
+            return job.rows
+        notes.append(
+            f"The images are still downloading in the background; call flux_get_task with task_id "
+            f"'{record.task_id}' shortly for their local paths."
+        )
+        saved = {row.n: row for row in await self.ledger.images(record.task_id)}
+        return [saved.get(n) or SavedImageRow(n=n, url=url) for n, url in enumerate(record.image_urls)]
+
+    async def _download_job(self, record: TaskRecord, entry: LedgerEntry, job: _DownloadJob) -> None:
+        try:
+            job.rows = await self._claim_and_download(record, entry, job.notes)
+        except errors.FluxError as exc:
+            job.notes.append(f"the images were not saved locally ({exc.message})")
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:  # a background job must never take the server down
+            log.exception("saving the images of %s failed", record.task_id)
+            job.notes.append("the images were not saved locally (unexpected error; see the server log)")
+        finally:
+            job.done.set()
+            self._downloads.pop(record.task_id, None)
+
+    async def _claim_and_download(
+        self, record: TaskRecord, entry: LedgerEntry, notes: list[str]
+    ) -> list[SavedImageRow]:
+        deadline = self._clock() + DOWNLOAD_WAIT_SECONDS
         while not await self.ledger.claim_downloads(record.task_id, self._owner):
             # Another live process holds the lease: wait for its copies rather than download twice.
             saved = await self.ledger.images(record.task_id)
@@ -467,7 +517,8 @@ class TaskService:
             record = await self._get_rechecked(task_id)
         except errors.NotFoundError:
             return await self._forgotten(task_id)
-        return await self.finish(record)
+        # No wait for the task itself; its images may take up to the usual call deadline.
+        return await self.finish(record, patience=self.settings.wait_seconds)
 
     async def _get_rechecked(self, task_id: str) -> TaskRecord:
         """GET the task; a 404 is asked once more at once (a new task may not be visible
@@ -524,6 +575,15 @@ def _carries_data_uri(value: Any) -> bool:
     if isinstance(value, list):
         return any(_carries_data_uri(v) for v in value)
     return isinstance(value, str) and value.startswith("data:")
+
+
+@dataclass
+class _DownloadJob:
+    """One task's downloads in this process: callers wait on `done` as long as their deadline allows."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    rows: list[SavedImageRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _all_saved(rows: list[SavedImageRow], urls: list[str]) -> bool:

@@ -37,6 +37,7 @@ from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, list_failu
 
 if TYPE_CHECKING:
     import httpx
+    from anyio.abc import TaskGroup
 
     from flux_mcp.lifecycle import TaskService
     from flux_mcp.polling import PollPolicy
@@ -77,10 +78,12 @@ def _lifespan(settings: Settings, options: ServerOptions) -> Callable[[MCPServer
                 log.warning("simulate mode: using the built-in PiAPI simulator at %s", base_url)
             else:
                 base_url, api_key = settings.base_url, settings.require_api_key()
-            state = AppState(settings, lambda: _build_service(settings, options, base_url, api_key))
-            if options.receiver is not None:  # webhooks finish tasks in the background, for the server's life
-                background = await stack.enter_async_context(anyio.create_task_group())
-                stack.callback(background.cancel_scope.cancel)  # runs first on the way out
+            # Downloads that outlive their call, and tasks finished by webhooks, run here for the
+            # server's life.
+            background = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(background.cancel_scope.cancel)  # runs first on the way out
+            state = AppState(settings, lambda: _build_service(settings, options, base_url, api_key, background))
+            if options.receiver is not None:
                 options.receiver.attach(state, background)
 
             async def close() -> None:  # the service exists only if a call used it (see AppState)
@@ -94,7 +97,9 @@ def _lifespan(settings: Settings, options: ServerOptions) -> Callable[[MCPServer
     return lifespan
 
 
-def _build_service(settings: Settings, options: ServerOptions, base_url: str, api_key: str) -> TaskService:
+def _build_service(
+    settings: Settings, options: ServerOptions, base_url: str, api_key: str, background: TaskGroup
+) -> TaskService:
     """The core behind the tools: PiAPI client, ledger, image store. Imported and built on first
     use, so the server starts and lists its tools without loading httpx or Pillow."""
     from flux_mcp.client import PiAPIClient
@@ -119,6 +124,7 @@ def _build_service(settings: Settings, options: ServerOptions, base_url: str, ap
         resolver=resolver,
         policy=options.policy,
         webhook=options.receiver.config if options.receiver is not None else None,
+        background=background,
         **({"sleep": options.sleep} if options.sleep else {}),
     )
 

@@ -168,7 +168,7 @@ async def test_downloads_never_carry_the_api_key():
     script = Script(httpx.Response(200, content=b"\x89PNG...", headers={"content-type": "image/png"}))
     client = make_client(script)
     async with client.stream_download("https://img.theapi.app/temp/a.png") as response:
-        assert await response.aread() == b"\x89PNG..."
+        assert b"".join([chunk async for chunk in response.aiter_bytes()]) == b"\x89PNG..."
     assert "x-api-key" not in script.requests[0].headers
 
 

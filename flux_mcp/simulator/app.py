@@ -27,7 +27,7 @@ import anyio.to_thread
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from flux_mcp.catalog import TaskRequest, describe_validation_error
@@ -240,7 +240,18 @@ async def _file(request: Request) -> Response:
             data = state.files.get(name)
     if data is None:
         return Response("file not found", status_code=404, media_type="text/plain")
+    slow = state.take_fault(("slow_file",), "GET")
+    if slow is not None:
+        return StreamingResponse(_drip(data, slow.delay, request.app.state.sleeper), media_type="image/png")
     return Response(data, media_type="image/png")
+
+
+async def _drip(data: bytes, seconds: float, sleeper: _Sleeper) -> AsyncIterator[bytes]:
+    pieces = 20
+    size = -(-len(data) // pieces)
+    for start in range(0, len(data), size):
+        await sleeper.sleep(seconds / pieces)
+        yield data[start : start + size]
 
 
 # --- admin controls ---------------------------------------------------------------------------

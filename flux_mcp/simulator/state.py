@@ -35,9 +35,11 @@ from flux_mcp.catalog import PRICE_PER_IMAGE_USD, Model, TaskRequest
 Phase = Literal["pending", "processing", "completed", "failed", "cancelled"]
 StatusStyle = Literal["lower", "capitalized", "legacy"]
 # `create_error`: the task is created, but the answer is an HTTP error whose body still names it.
+# `slow_file`: the next image file is sent in small pieces spread over `delay` seconds.
 FaultKind = Literal[
-    "http_error", "malformed", "fail_next", "create_late", "slow", "webhook_drop", "webhook_duplicate", "create_error"
-]
+    "http_error", "malformed", "fail_next", "create_late", "slow", "webhook_drop", "webhook_duplicate", "create_error",
+    "slow_file",
+]  # fmt: skip
 HttpMethod = Literal["GET", "POST", "DELETE"]
 
 UNSET_TIME = "0001-01-01T00:00:00Z"
