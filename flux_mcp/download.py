@@ -136,11 +136,13 @@ async def limited_body(
     response: httpx.Response, url: str, limits: DownloadLimits, *, started: float, clock: Callable[[], float]
 ) -> AsyncIterator[bytes]:
     """The response body, stopped with a retryable `RequestTimeoutError` when it arrives too slowly
-    (below `min_bytes_per_second` on average after `grace_seconds`) or takes over `max_seconds`."""
+    (below `min_bytes_per_second` on average, counted from the headers, after `grace_seconds`) or
+    the download takes over `max_seconds` from its request (`started`)."""
     received = 0
+    body_started = clock()  # the wait for the headers is the request time-out's business
     chunks = response.aiter_bytes().__aiter__()
     while True:
-        rate_deadline = started + max(limits.grace_seconds, received / limits.min_bytes_per_second)
+        rate_deadline = body_started + max(limits.grace_seconds, received / limits.min_bytes_per_second)
         remaining = min(rate_deadline, started + limits.max_seconds) - clock()
         chunk = None
         if remaining > 0:
@@ -150,7 +152,7 @@ async def limited_body(
                 except StopAsyncIteration:
                     return
         if chunk is None:
-            elapsed = clock() - started
+            elapsed = clock() - body_started
             raise errors.RequestTimeoutError(
                 f"downloading {url} stopped after {elapsed:.0f} s: {received} bytes arrived, slower than "
                 f"{limits.min_bytes_per_second:.0f} B/s or longer than {limits.max_seconds:.0f} s"
