@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 OTHER_PROCESS_SUBMIT_WAIT_SECONDS = 30.0
 DOWNLOAD_WAIT_SECONDS = 30.0
+PREVIEW_SECONDS = 10.0
 _DATA_URI_PREVIEW = 48
 _SECRET_KEYS = frozenset({"secret", "webhook_secret"})
 
@@ -503,10 +504,12 @@ class TaskService:
             except errors.FluxError as exc:
                 log.warning("no preview of %s: %s", path or url, exc.message)
 
-        # Each thumbnail is made in its own worker thread, all at once.
-        async with anyio.create_task_group() as tg:
-            for i, (url, path) in enumerate(images[:limit]):
-                tg.start_soon(preview, i, url, path)
+        # Each thumbnail is made in its own worker thread, all at once; previews are extras, so
+        # they never hold the call for long (a preview still being fetched is left out).
+        with anyio.move_on_after(PREVIEW_SECONDS):
+            async with anyio.create_task_group() as tg:
+                for i, (url, path) in enumerate(images[:limit]):
+                    tg.start_soon(preview, i, url, path)
         return [p for p in previews if p is not None]
 
     # --- the read side ----------------------------------------------------------------------
