@@ -1,4 +1,4 @@
-"""Command line: `piapi-flux-mcp` (stdio server), `serve`, `demo`, `simulator`, `gallery`.
+"""Command line: `piapi-flux-mcp` (stdio server), `serve`, `demo`, `generate`, `gallery`, `simulator`.
 
 Configuration errors are reported as one line on stderr with exit code 2, before any transport
 opens. Logs always go to stderr: on stdio, stdout belongs to the protocol.
@@ -96,6 +96,63 @@ def _global_options() -> argparse.ArgumentParser:
     return common
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from flux_mcp import generate
+
+    settings = _load_settings(args)
+    if args.out:
+        settings = settings.model_copy(update={"output_dir": Path(args.out).expanduser().resolve()})
+    from flux_mcp.startup import check_folders
+
+    check_folders(settings)
+    _configure_logging(settings.log_level)
+    try:
+        arguments = dict(generate.parse_setting(item) for item in args.set)
+    except generate.errors.InvalidInputError as exc:
+        raise ConfigurationError(exc.message) from None
+    given = {
+        "prompt": args.prompt, "model": args.model, "image": args.image, "control_image": args.control_image,
+        "width": args.width, "height": args.height, "batch_size": args.batch_size, "dry_run": args.dry_run or None,
+    }  # fmt: skip
+    arguments |= {name: value for name, value in given.items() if value is not None}
+    raise SystemExit(
+        generate.run(settings, args.task, arguments, wait_seconds=args.timeout, fresh=args.new, as_json=args.json)
+    )
+
+
+def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from flux_mcp.catalog import TaskType
+    from flux_mcp.generate import exit_codes_help
+
+    gen = sub.add_parser(
+        "generate",
+        help="make an image from the terminal (progress on stderr, saved paths on stdout)",
+        description="Submit one Flux task, show its progress, save the images and print their paths. "
+        "Uses the same ledger and output folder as the MCP tools.",
+        epilog=exit_codes_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    gen.add_argument("prompt", help="what to draw")
+    gen.add_argument("--task", default="txt2img", choices=[t.value for t in TaskType], help="default txt2img")
+    gen.add_argument("--model", help="e.g. Qubico/flux1-dev (tasks with one model choose it themselves)")
+    gen.add_argument("--image", help="input image: a local file, URL or data: URI (img2img, fill, redux)")
+    gen.add_argument("--control-image", help="control image for --task controlnet-lora")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--batch-size", type=int, help="1-4 images at once (schnell)")
+    gen.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE",
+        help="any other argument of the task's tool, e.g. --set lora_type=anime --set denoise=0.6 (repeatable)",
+    )  # fmt: skip
+    gen.add_argument("--out", metavar="DIR", help="save images here (default: FLUX_MCP_OUTPUT_DIR)")
+    gen.add_argument("--json", action="store_true", help="print the structured result as JSON on stdout")
+    gen.add_argument("--new", action="store_true", help="submit again even if this same request was just made")
+    gen.add_argument("--dry-run", action="store_true", help="print the PiAPI payload and price; send nothing")
+    gen.add_argument("--timeout", type=float, default=600, help="seconds to wait before giving up (default 600)")
+    gen.set_defaults(func=_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _global_options()
     parser = argparse.ArgumentParser(prog="piapi-flux-mcp", description=DESCRIPTION, parents=[common])
@@ -121,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--port", type=int, default=8770, help="loopback port (0 = any free port; default 8770)")
     gallery.add_argument("--data-dir", help="the ledger's folder (default FLUX_MCP_DATA_DIR), e.g. demo-output/data")
     gallery.set_defaults(func=_gallery)
+
+    _add_generate(sub, common)
 
     sim = sub.add_parser("simulator", help="run the PiAPI simulator as a standalone HTTP server", parents=[common])
     sim.add_argument("--host", default="127.0.0.1")

@@ -1,8 +1,9 @@
 """The MCP server: `create_server(settings)` builds a `FluxServer` around the pure core.
 
 `create_server` validates the settings (a missing key fails here, before any transport opens),
-and its lifespan builds one PiAPI client, ledger, image store and `TaskService` per process (per
-connection in memory). The tools themselves live in `flux_mcp.tools`.
+and its lifespan starts the backend (`runtime.backend`: PiAPI, or the simulator) and builds the
+core (`runtime.build_service`) on a tool's first use, once per process (per connection in memory).
+The tools themselves live in `flux_mcp.tools`.
 
 Two things lean on SDK internals, each in one place with its reason: `_publish_schemas` (titles
 and output `$ref`s) and `FluxServer` (call checks), both through the SDK's registries
@@ -30,6 +31,7 @@ from flux_mcp.catalog import describe_validation_error
 from flux_mcp.errors import InvalidInputError
 from flux_mcp.gallery.apps import gallery_apps
 from flux_mcp.parameters import TASK_TOOLS
+from flux_mcp.runtime import backend, build_service, close_service
 from flux_mcp.schemas import compact_output, strip_titles
 from flux_mcp.settings import Settings
 from flux_mcp.startup import check_folders
@@ -37,9 +39,7 @@ from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, list_failu
 
 if TYPE_CHECKING:
     import httpx
-    from anyio.abc import TaskGroup
 
-    from flux_mcp.lifecycle import TaskService
     from flux_mcp.polling import PollPolicy
     from flux_mcp.webhooks import WebhookReceiver
 
@@ -70,63 +70,36 @@ def _lifespan(settings: Settings, options: ServerOptions) -> Callable[[MCPServer
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[AppState]:
         async with AsyncExitStack() as stack:
-            if settings.simulate:
-                from flux_mcp.simulator import running_simulator
-
-                sim = await stack.enter_async_context(running_simulator())
-                base_url, api_key = sim.base_url, sim.api_key
-                log.warning("simulate mode: using the built-in PiAPI simulator at %s", base_url)
-            else:
-                base_url, api_key = settings.base_url, settings.require_api_key()
+            base_url, api_key = await stack.enter_async_context(backend(settings))
             # Downloads that outlive their call, and tasks finished by webhooks, run here for the
             # server's life.
             background = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(background.cancel_scope.cancel)  # runs first on the way out
-            state = AppState(settings, lambda: _build_service(settings, options, base_url, api_key, background))
+            webhook = options.receiver.config if options.receiver is not None else None
+            state = AppState(
+                settings,
+                lambda: build_service(
+                    settings,
+                    base_url,
+                    api_key,
+                    http=options.http,
+                    policy=options.policy,
+                    sleep=options.sleep,
+                    webhook=webhook,
+                    background=background,
+                ),
+            )
             if options.receiver is not None:
                 options.receiver.attach(state, background)
 
             async def close() -> None:  # the service exists only if a call used it (see AppState)
                 if state.service_built:
-                    await state.service.client.aclose()
-                    await state.service.ledger.aclose()
+                    await close_service(state.service)
 
             stack.push_async_callback(close)
             yield state
 
     return lifespan
-
-
-def _build_service(
-    settings: Settings, options: ServerOptions, base_url: str, api_key: str, background: TaskGroup
-) -> TaskService:
-    """The core behind the tools: PiAPI client, ledger, image store. Imported and built on first
-    use, so the server starts and lists its tools without loading httpx or Pillow."""
-    from flux_mcp.client import PiAPIClient
-    from flux_mcp.files import ImageStore, InputResolver
-    from flux_mcp.ledger import TaskLedger
-    from flux_mcp.lifecycle import TaskService
-
-    client = PiAPIClient(
-        base_url,
-        api_key,
-        http=options.http,
-        timeout_seconds=settings.request_timeout_seconds,
-        **({"sleep": options.sleep} if options.sleep else {}),
-    )
-    store = ImageStore(settings.images_dir, max_bytes=settings.max_download_bytes) if settings.save_images else None
-    resolver = InputResolver(settings.allowed_image_roots(), max_bytes=settings.max_input_bytes)
-    return TaskService(
-        settings,
-        client,
-        TaskLedger(settings.ledger_path),  # opens (creates, migrates) the file on its first operation
-        store=store,
-        resolver=resolver,
-        policy=options.policy,
-        webhook=options.receiver.config if options.receiver is not None else None,
-        background=background,
-        **({"sleep": options.sleep} if options.sleep else {}),
-    )
 
 
 class FluxServer(MCPServer):

@@ -143,3 +143,77 @@ def pytest_terminal_summary(terminalreporter):
     for folder in _artifact_dirs:
         shots = sorted(p.name for p in folder.glob("*.png"))
         terminalreporter.write_line(f"screenshots in {folder}: {', '.join(shots)}")
+
+
+# --- a simulator in its own process, for tests that run the command line or other programs --------
+
+
+class StandaloneSimulator:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.api_key = "sim-key"
+
+    def configure(self, **config):
+        import httpx
+
+        httpx.post(f"{self.base_url}/_simulator/config", json=config).raise_for_status()
+
+    def fault(self, kind: str, **options):
+        import httpx
+
+        httpx.post(f"{self.base_url}/_simulator/faults", json={"kind": kind, **options}).raise_for_status()
+
+    def tasks(self) -> list[dict]:
+        import httpx
+
+        return httpx.get(f"{self.base_url}/_simulator/tasks").json()
+
+    def env(self) -> dict[str, str]:
+        """What a program needs to use this simulator as PiAPI."""
+        return {"PIAPI_BASE_URL": self.base_url, "PIAPI_API_KEY": self.api_key}
+
+
+@pytest.fixture(scope="session")
+def _simulator_process():
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flux_mcp", "simulator", "--port", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sim = StandaloneSimulator(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{sim.base_url}/_simulator/config").raise_for_status()
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "simulator did not start"
+                time.sleep(0.1)
+        yield sim
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def standalone_simulator(_simulator_process):
+    """`piapi-flux-mcp simulator` in its own process on a free loopback port (one per test session),
+    reset for each test: no tasks or faults, fast durations."""
+    import httpx
+
+    sim = _simulator_process
+    httpx.post(f"{sim.base_url}/_simulator/reset").raise_for_status()
+    sim.configure(durations={"schnell": 0.3, "dev": 1.5, "dev-advanced": 1.5}, pending_seconds=0.2)
+    return sim
