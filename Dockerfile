@@ -6,7 +6,8 @@
 #
 # Clients connect to http://127.0.0.1:8000/mcp with `Authorization: Bearer $FLUX_MCP_AUTH_TOKEN`.
 # The container refuses to start without FLUX_MCP_AUTH_TOKEN: it listens beyond loopback, where
-# every request must carry the token. Add FLUX_MCP_SIMULATE=true to try it with no PiAPI key.
+# every request must carry the token. Reached under a name other than localhost, also pass
+# -e FLUX_MCP_ALLOWED_HOSTS=that.name. Add FLUX_MCP_SIMULATE=true to try it with no PiAPI key.
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -28,5 +29,6 @@ WORKDIR /home/flux
 VOLUME ["/data"]
 EXPOSE 8000
 
-# Without the token the container stops at once with one line, before anything listens.
+# The server itself refuses to listen beyond loopback without the token; this check makes the
+# container stop at once with one line, before anything starts.
 ENTRYPOINT ["/bin/sh", "-c", "[ -n \"$FLUX_MCP_AUTH_TOKEN\" ] || { echo 'piapi-flux-mcp: set FLUX_MCP_AUTH_TOKEN (the bearer token HTTP clients must send)' >&2; exit 2; }; exec piapi-flux-mcp serve --transport http --host 0.0.0.0 --port 8000 \"$@\"", "piapi-flux-mcp"]

@@ -53,7 +53,7 @@ EXIT_CODES: dict[str, int] = {
     "not_confirmed": 7,
 }
 EXIT_OTHER = 1
-_EXIT_MEANINGS = {
+EXIT_MEANINGS = {
     EXIT_OK: "the images were made (paths on stdout)",
     1: "PiAPI failed or cancelled the task (or another failure)",
     2: "bad arguments or configuration; nothing was sent",
@@ -71,7 +71,7 @@ _TOOL_ONLY = ("wait_seconds", "include_image")
 
 
 def exit_codes_help() -> str:
-    return "exit codes:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in _EXIT_MEANINGS.items())
+    return "exit codes:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_MEANINGS.items())
 
 
 def exit_code(result: TaskResult) -> int:

@@ -182,3 +182,42 @@ def test_docker_entrypoint_refuses_to_start_without_the_token():
     env = {"PATH": os.environ["PATH"]}
     result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
     assert result.returncode == 2 and "set FLUX_MCP_AUTH_TOKEN" in result.stderr
+
+
+def test_the_readme_settings_table_lists_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name, _, _ in environment_variables() if f"| `{name}` |" not in table]
+    assert missing == []
+
+
+def test_the_readme_exit_code_table_matches_the_command():
+    from flux_mcp.generate import EXIT_MEANINGS
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## From the terminal", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", section, flags=re.MULTILINE))
+    assert sorted(map(int, rows)) == sorted(EXIT_MEANINGS)
+
+
+def test_the_readme_quickstart_is_the_two_dev_commands():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Quickstart", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert [line.split("#")[0].strip() for line in block.strip().splitlines()] == [
+        "python3 dev.py demo",
+        "python3 dev.py test",
+    ]
+
+
+def test_every_host_snippet_starts_the_server_with_uvx():
+    readme = (ROOT / "README.md").read_text()
+    install = readme.split("## Install in your MCP host", 1)[1].split("\n## ", 1)[0]
+    for host in ("Claude Desktop", "Claude Code", "Cursor", "Windsurf", "VS Code"):
+        assert f"**{host}**" in install
+    blocks = re.findall(r"```json\n(.*?)```", install, flags=re.DOTALL)
+    for block in blocks:
+        config = json.loads(block)
+        servers = config.get("mcpServers") or config["servers"]
+        assert servers["flux"]["command"] == "uvx" and servers["flux"]["args"][0] == "piapi-flux-mcp"
+        assert "PIAPI_API_KEY" in servers["flux"]["env"]
+    assert "claude mcp add flux --env PIAPI_API_KEY=" in install and "-- uvx piapi-flux-mcp" in install

@@ -113,7 +113,7 @@ def test_the_wheel_runs_with_uvx_under_the_inspector_cli(dist, inspector, tmp_pa
     structured = result["structuredContent"]
     assert structured["status"] == "completed"
     (image,) = structured["images"]
-    assert Path(image["path"]).parent == tmp_path / "images"
+    assert Path(image["path"]).is_relative_to(tmp_path / "images")
     with Image.open(image["path"]) as png:
         assert png.size == (512, 512)
     assert {block["type"] for block in result["content"]} >= {"text", "image"}
