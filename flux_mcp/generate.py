@@ -14,9 +14,11 @@ met without parsing text.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
@@ -283,6 +285,24 @@ def report(result: TaskResult, *, as_json: bool, out: TextIO, err: TextIO) -> No
         print("some images were not saved locally; their PiAPI URLs are temporary", file=err)
 
 
+async def _interruptible(job: Callable[[], Awaitable[TaskResult]]) -> TaskResult | None:
+    """Run `job`; Ctrl-C (SIGINT) cancels it through anyio's own cancel scope, so its cleanup
+    (cancelling the task at PiAPI) runs as for any cancellation. None when interrupted."""
+    result = None
+
+    async def cancel_on_sigint(scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            async for _ in signals:
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancel_on_sigint, tg.cancel_scope)
+        result = await job()
+        tg.cancel_scope.cancel()
+    return result
+
+
 def run(
     settings: Settings,
     task: str,
@@ -294,13 +314,17 @@ def run(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
+    if not settings.simulate:
+        settings.require_api_key()  # ConfigurationError: one line, exit 2, before anything starts
     tool = tool_for(task)
     progress = Progress(err, live=err.isatty())
     settings = with_input_roots(settings, arguments)
     try:
         job = partial(generate, settings, tool, arguments, progress, wait_seconds=wait_seconds, fresh=fresh)
-        result = anyio.run(job)
-    except KeyboardInterrupt:
+        result = anyio.run(_interruptible, job)
+    except KeyboardInterrupt:  # a second Ctrl-C while the cancel is being sent
+        return EXIT_INTERRUPTED
+    if result is None:
         return EXIT_INTERRUPTED
     report(result, as_json=as_json, out=out, err=err)
     return exit_code(result)
