@@ -22,10 +22,11 @@ duration profile (~4 s schnell, ~20 s dev, ~33 s dev-advanced, each with some qu
 The fixed policies run inside this same server (`ServerOptions(policy=...)`), so every row pays
 the same save and thumbnail costs and the differences are the schedules'. The 5 warm-ups run
 at once; every policy runs them (the cold one against a throwaway ledger) so that all measured
-batches are alike. The policies run side by side against one simulator, started 3 s apart so
-their batches do not finish on the same CPUs at the same moment; the simulator renders each
-image while its task runs, as PiAPI does. A full run takes about three minutes, `--quick` (the
-~4 s profile only) about half a minute. Figures are noisy on a busy machine: run it twice.
+batches are alike. All policies warm up side by side against one simulator; then their measured
+batches start 5 s apart, so one batch's finishes do not meet another's on the same CPUs; the
+simulator renders each image while its task runs, as PiAPI does. A full run takes about five
+minutes, `--quick` (the ~4 s profile only) under a minute. Figures are noisy on a busy machine:
+run it twice.
 
     python bench/detection.py [--quick] [--tasks 15] [--warmups 5] [--seed 1]
 """
@@ -60,9 +61,9 @@ from flux_mcp.simulator import (
 )
 from flux_mcp.simulator.app import ensure_rendered
 
-# The policies start this far apart, so their batches of 15 do not finish at the same moment on
+# The measured batches start this far apart, so one batch's 15 finishes do not meet another's on
 # the same CPUs (which would measure the machine, not the schedules).
-STAGGER_SECONDS = 3.0
+STAGGER_SECONDS = 5.0
 PROFILES = {  # label -> model; PIAPI_LIKE_PROFILES[model] sets the durations
     "~4 s (schnell)": "Qubico/flux1-schnell",
     "~20 s (dev)": "Qubico/flux1-dev",
@@ -142,6 +143,22 @@ async def warm_up(client: Client, model: str, count: int) -> None:
             tg.start_soon(generate, client, model, f"warm-up {i}")
 
 
+class Start:
+    """Lets the measured batches go one at a time, `STAGGER_SECONDS` apart, once all have warmed up."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.ready: set[str] = set()
+        self.all_ready = anyio.Event()
+
+    async def wait_turn(self, name: str) -> None:
+        self.ready.add(name)
+        if len(self.ready) == len(self.names):
+            self.all_ready.set()
+        await self.all_ready.wait()
+        await anyio.sleep(self.names.index(name) * STAGGER_SECONDS)
+
+
 async def run_policy(
     sim: RunningSimulator,
     policy: Policy,
@@ -149,20 +166,20 @@ async def run_policy(
     args: argparse.Namespace,
     root: Path,
     out: Measured,
-    start_after: float,
+    start: Start,
 ) -> None:
     results: list[tuple[str, float]] = []
-    await anyio.sleep(start_after)
-    # Every policy runs its warm-ups, so all measured tasks start together; the cold one runs them
-    # against a throwaway ledger, so it measures with an empty one.
-    if not policy.warm:
-        with tempfile.TemporaryDirectory(dir=root) as folder:
-            async with connect(sim, policy, model, Path(folder)) as client:
-                await warm_up(client, model, args.warmups)
+    # Every policy runs its warm-ups (the cold one against a throwaway ledger, so it measures with an
+    # empty one); then the measured batches start one after another.
     with tempfile.TemporaryDirectory(dir=root) as folder:
         async with connect(sim, policy, model, Path(folder)) as client:
             if policy.warm:
                 await warm_up(client, model, args.warmups)
+            else:
+                with tempfile.TemporaryDirectory(dir=root) as throwaway:
+                    async with connect(sim, policy, model, Path(throwaway)) as other:
+                        await warm_up(other, model, args.warmups)
+            await start.wait_turn(policy.name)
 
             async def one(i: int) -> None:
                 results.append(await generate(client, model, f"{policy.name} {i}"))
@@ -197,10 +214,10 @@ async def main(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as root:
             for label, model in chosen.items():
                 measured = {policy.name: Measured() for policy in POLICIES}
+                start = Start([policy.name for policy in POLICIES])
                 async with anyio.create_task_group() as tg:
-                    for k, policy in enumerate(POLICIES):
-                        offset = k * STAGGER_SECONDS
-                        tg.start_soon(run_policy, sim, policy, model, args, Path(root), measured[policy.name], offset)
+                    for policy in POLICIES:
+                        tg.start_soon(run_policy, sim, policy, model, args, Path(root), measured[policy.name], start)
                 report(label, model, args, measured)
         renders.cancel_scope.cancel()
 

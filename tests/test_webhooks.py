@@ -198,3 +198,32 @@ def test_the_secret_is_made_once_and_kept_beside_the_ledger(tmp_path) -> None:
     receiver = WebhookReceiver(settings)
     assert receiver.config == {"endpoint": "https://flux.example.org/webhooks/piapi", "secret": first}
     assert webhook_secret(Settings(data_dir=tmp_path / "data", webhook_secret=" mine ")) == "mine"
+
+
+async def test_a_task_whose_create_was_uncertain_is_still_ours(hooked: Hooked) -> None:
+    """A 5xx create answer that carried a task id leaves an `uncertain` entry holding that id: a
+    webhook for it is PiAPI telling us what happened, so it is recorded."""
+    from flux_mcp.ledger import TaskLedger
+
+    ledger = TaskLedger(hooked.settings.ledger_path)
+    reservation = await ledger.reserve(
+        idempotency_key="key:uncertain",
+        window_seconds=None,
+        tool="flux_txt2img",
+        task_type="txt2img",
+        model="Qubico/flux1-schnell",
+        request={},
+        payload={},
+        estimated_cost_usd=0.0015,
+    )
+    await ledger.mark_uncertain(reservation.entry.local_id, "502 from the gateway", task_id="5ec0e2a4-uncertain")
+    failed = {
+        "task_id": "5ec0e2a4-uncertain",
+        "model": "Qubico/flux1-schnell",
+        "task_type": "txt2img",
+        "status": "failed",
+        "error": {"code": 10000, "message": "task failed", "raw_message": ""},
+    }
+    assert (await hooked.post({"timestamp": 1, "data": failed})).json() == {"status": "accepted"}
+    entry = await ledger.get("5ec0e2a4-uncertain")
+    assert entry is not None and entry.status == "failed"
