@@ -19,8 +19,9 @@ Where the polls go is a `Schedule`:
   the tail polls at growing intervals from a floor, so a task far past its expected end slows
   down instead of hammering PiAPI. While a kind has no learned samples yet (the priors only),
   the budget is one GET per `COLD_SECONDS_PER_GET` of expected time, and no gap is longer than
-  the task's age (twice it for kinds expected to take over 10 s; at least `COLD_GAP_SECONDS`), so
-  a backend far faster than the prior is still noticed soon. A kind with no estimate at all uses `FALLBACK`, a capped
+  the task's age (twice it for kinds expected to take over 10 s; at least `COLD_GAP_SECONDS`,
+  less on a backend seen to run faster than the priors), so a backend far faster than the prior
+  is still noticed soon. A kind with no estimate at all uses `FALLBACK`, a capped
   geometric schedule. With push delivery, polling is a sparse safety net: one poll near the 90th
   percentile, then the tail (a gap of at least `COLD_PUSH_GAP_SECONDS` while cold).
 - `PolicySchedule`: a plain interval policy (`BackoffPolicy`), for tests and callers that want
@@ -137,6 +138,7 @@ class LearnedSchedule:
     to_local: Callable[[datetime], float]  # PiAPI's timestamps on our clock
     spent: Callable[[], int]  # GETs spent on this task so far (across waits)
     push: bool = False
+    pace: float = 1.0  # observed / prior durations so far (`TimingStats.pace`): shortens cold gaps
     _fallback: PolicySchedule = field(default_factory=PolicySchedule)
     _tail_gap: float = 0.0  # grows from TAIL_FLOOR_SECONDS once the planned polls are spent
 
@@ -147,7 +149,8 @@ class LearnedSchedule:
             # backend much faster than the prior (the simulator, a quiet hour) is not kept waiting.
             age = now - self.to_local(record.created_at)
             stretch = 1.0 if self.estimate.expected_total() < 5 * COLD_GAP_SECONDS else 2.0  # long kinds: fewer
-            due = min(due, now + max(COLD_PUSH_GAP_SECONDS if self.push else COLD_GAP_SECONDS, stretch * age))
+            floor = (COLD_PUSH_GAP_SECONDS if self.push else COLD_GAP_SECONDS) * min(1.0, self.pace)
+            due = min(due, now + max(floor, stretch * age))
         return max(due, now + MIN_GAP_SECONDS if self.spent() else now)
 
     def _plan(self, record: TaskRecord | None, *, now: float, scheduled: float) -> float:
@@ -234,6 +237,7 @@ class PollPlanner:
             to_local=self.to_local,
             spent=lambda: self.spent(task_id),
             push=push,
+            pace=self.stats.pace,
         )
 
     def learn_from(self, rows: Iterable[tuple[str, str, Mapping[str, Any], TaskRecord]]) -> None:

@@ -8,8 +8,11 @@ never from when we happened to poll, and fits each phase with a log-normal distr
 median and trimmed spread of the logs, widened for few samples).
 
 - Cold start: built-in priors per model (PiAPI's docs show a dev-advanced task at ~1.2 s queued +
-  ~31.5 s running; schnell and dev take ~4 s and ~20 s), scaled by pixel count and batch size and
-  deliberately wide. A kind learns from `MIN_SAMPLES` finished tasks on. A model without a prior
+  ~31.5 s running; schnell and dev take ~4 s and ~20 s), scaled by pixel count and batch size,
+  deliberately wide, and scaled by the *pace* seen on any kind so far (observed / prior total
+  time, median of recent tasks): a backend twice as slow as the priors, or the simulator twenty
+  times as fast, shifts every kind not yet learned. A kind learns from `MIN_SAMPLES` finished
+  tasks on. A model without a prior
   has no estimate: the poller then falls back to its capped geometric schedule.
 - Persistence: the samples are the ledger's own finished tasks (their stored request and PiAPI
   record), so nothing extra is written; `TaskLedger.recent_timings` reads back a bounded number
@@ -110,6 +113,7 @@ PRIORS: dict[str, Prior] = {
     Model.DEV_ADVANCED.value: Prior(queue_seconds=1.2, run_seconds=31.5),
 }
 PRIOR_QUEUE_SPREAD = 1.0
+MAX_PACE = 20.0  # the priors are scaled by the observed pace, within 1/20 .. 20 times
 PRIOR_RUN_SPREAD = 0.25
 
 
@@ -200,6 +204,9 @@ class TimingStats:
         self._priors = priors
         self._samples: OrderedDict[TaskKind, deque[Sample]] = OrderedDict()
         self._cache: dict[TaskKind, Estimate | None] = {}
+        # Observed total time / the prior's, over recent tasks of every kind: how much faster or
+        # slower this backend runs than the priors say (the simulator: far faster).
+        self._pace: deque[float] = deque(maxlen=MAX_SAMPLES)
 
     def add(self, kind: TaskKind, sample: Sample) -> None:
         samples = self._samples.get(kind)
@@ -210,7 +217,12 @@ class TimingStats:
                 self._cache.pop(dropped, None)
         self._samples.move_to_end(kind)
         samples.append(sample)
-        self._cache.pop(kind, None)
+        prior = self._priors.get(kind.model)
+        if prior is not None:
+            self._pace.append((sample.queue + sample.run) / (prior.queue_seconds + prior.run_seconds * kind.work))
+            self._cache.clear()  # every cold kind's estimate follows the pace
+        else:
+            self._cache.pop(kind, None)
 
     def learn(self, kind: TaskKind, record: TaskRecord) -> bool:
         sample = Sample.of(record)
@@ -240,8 +252,14 @@ class TimingStats:
             return Estimate(queue=queue, run=run, samples=len(samples))
         if prior is None:
             return None
+        pace = min(MAX_PACE, max(1 / MAX_PACE, statistics.median(self._pace))) if self._pace else 1.0
         return Estimate(
-            queue=LogNormal.from_mean(prior.queue_seconds, PRIOR_QUEUE_SPREAD),
-            run=LogNormal.from_mean(prior.run_seconds * kind.work, PRIOR_RUN_SPREAD),
+            queue=LogNormal.from_mean(prior.queue_seconds * pace, PRIOR_QUEUE_SPREAD),
+            run=LogNormal.from_mean(prior.run_seconds * kind.work * pace, PRIOR_RUN_SPREAD),
             samples=len(samples),
         )
+
+    @property
+    def pace(self) -> float:
+        """Median of observed / prior total time over recent tasks (1.0 with none)."""
+        return statistics.median(self._pace) if self._pace else 1.0

@@ -349,3 +349,20 @@ async def test_timings_are_learned_from_finished_tasks_and_survive_a_restart(tmp
     estimate = restarted.stats.estimate(DEV)
     assert estimate is not None and estimate.learned and estimate.run.median == pytest.approx(20.0, rel=0.01)
     assert len(await ledger.recent_timings(limit=2)) == 2
+
+
+def test_the_pace_seen_on_one_kind_scales_the_priors_of_kinds_not_yet_learned():
+    """The simulator (or a slow day at PiAPI) shows up on the first finished task of any kind."""
+    stats = TimingStats()
+    before = stats.estimate(DEV)
+    assert before is not None and stats.pace == 1.0
+    schnell = TaskKind.of("Qubico/flux1-schnell", "txt2img", {})
+    stats.add(schnell, Sample(queue=0.08, run=0.35))  # ten times faster than its prior (0.8 + 3.5 s)
+    assert stats.pace == pytest.approx(0.1)
+    after = stats.estimate(DEV)
+    assert after is not None and not after.learned
+    assert after.expected_total() == pytest.approx(before.expected_total() * 0.1)
+    for _ in range(40):
+        stats.add(schnell, Sample(queue=1000, run=100000))  # absurdly slow: bounded
+    bounded = stats.estimate(DEV)
+    assert bounded is not None and bounded.expected_total() == pytest.approx(before.expected_total() * 20)
