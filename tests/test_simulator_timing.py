@@ -184,7 +184,8 @@ async def test_no_secret_no_header_and_no_endpoint_no_webhook(live, receiver) ->
 async def test_failed_deliveries_are_retried_then_given_up(live, receiver) -> None:
     sim, http = live
     rec, url = receiver
-    sim.state.configure(webhook_attempts=3)
+    # The run outlasts the create delivery's retries (0.05 s apart), even on a loaded machine.
+    sim.state.configure(webhook_attempts=3, durations={"schnell": 1.5})
     rec.answers = [500, 503, 500]  # the create delivery fails all three attempts
     await create(http, body(webhook_config={"endpoint": url, "secret": "x"}))
     await rec.wait_for(4)
