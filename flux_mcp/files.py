@@ -120,19 +120,15 @@ def sweep_partial_files(directory: Path, *, now: float | None = None) -> list[Pa
 class ImageStore:
     """Saves downloaded task images as `<task_id>_<n>.<ext>` plus a `<task_id>_<n>.json` sidecar.
 
-    Temp files are `.<task_id>_<n>.<pid>.<random>.part`; the first use of a store (after a
-    start-up) sweeps those whose process is gone (see `sweep_partial_files`)."""
+    Temp files are `.<task_id>_<n>.<pid>.<random>.part`; the server sweeps those whose process is
+    gone when it starts (see `sweep_partial_files`)."""
 
     def __init__(self, output_dir: Path, *, max_bytes: int) -> None:
         self.output_dir = Path(output_dir)
         self.max_bytes = max_bytes
-        self._swept = False
 
     def _open_temp(self, stem: str) -> tuple[IO[bytes], Path]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if not self._swept:
-            self._swept = True
-            sweep_partial_files(self.output_dir)
         fd, name = tempfile.mkstemp(dir=self.output_dir, prefix=f".{stem}.{os.getpid()}.", suffix=".part")
         return os.fdopen(fd, "wb"), Path(name)
 

@@ -150,6 +150,10 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
     if not settings.simulate:
         settings.require_api_key()
     check_folders(settings)
+    if settings.save_images:  # what downloads killed with their process left half-written
+        from flux_mcp.files import sweep_partial_files
+
+        sweep_partial_files(settings.images_dir)
     options = options or ServerOptions()
     apps = gallery_apps()
     register_app_tools(apps)

@@ -84,7 +84,7 @@ def _dead_pid() -> int:
     return dead.pid
 
 
-async def test_partial_files_of_killed_downloads_are_swept_at_the_first_save(server, settings, sim):
+async def test_partial_files_of_killed_downloads_are_swept_at_start_up(settings, fast_options, sim):
     images = settings.images_dir
     images.mkdir(parents=True, exist_ok=True)
     dead, alive = _dead_pid(), os.getppid()
@@ -94,6 +94,8 @@ async def test_partial_files_of_killed_downloads_are_swept_at_the_first_save(ser
     for path in (*killed, old, live):
         path.write_bytes(b"half an image")
     os.utime(old, (time.time() - STALE_PART_SECONDS - 5,) * 2)
+    server = create_server(settings, fast_options)
+    assert sorted(p.name for p in images.glob(".*.part")) == [live.name]
     async with Client(server) as client:
         result = await client.call_tool("flux_txt2img", {"prompt": "after a crash"})
     assert result.structured_content["status"] == "completed"
