@@ -8,6 +8,8 @@ from status codes and PiAPI's own envelope text, never from request headers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 ErrorCategory = Literal[
@@ -64,6 +66,18 @@ class FluxError(Exception):
             "retryable": self.retryable,
             "hint": self.hint,
         }
+
+
+@contextmanager
+def about_task(task_id: str | None) -> Iterator[None]:
+    """The one way a task id joins an error on its way up: a `FluxError` raised inside names
+    `task_id` unless it already names a task, so no error ever loses a paid task."""
+    try:
+        yield
+    except FluxError as exc:
+        if exc.task_id is None:
+            exc.task_id = task_id
+        raise
 
 
 class AuthError(FluxError):

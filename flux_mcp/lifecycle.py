@@ -139,7 +139,7 @@ class TaskService:
         for name in ("image", "control_image"):
             if resolved.get(name):
                 resolved[name] = await self.resolver.resolve(resolved[name], field=name)
-        return build_request(task_type, resolved)
+        return build_request(task_type, resolved, config=self.settings.piapi_config())
 
     # --- submit exactly once ----------------------------------------------------------------
 

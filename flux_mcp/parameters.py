@@ -72,25 +72,19 @@ PARAMETERS: dict[str, ToolParameter] = {
         _p("outpaint_right", c.OutpaintPixels, "Pixels to add on the right.", 0),
         _p("outpaint_top", c.OutpaintPixels, "Pixels to add on top.", 0),
         _p("outpaint_bottom", c.OutpaintPixels, "Pixels to add at the bottom.", 0),
-        _p("service_mode", c.ServiceMode | None, "PiAPI service mode.", None),
-        _p("webhook_endpoint", c.HttpUrlText | None, "Webhook URL for task updates.", None),
-        _p("webhook_secret", str | None, "Webhook secret header value.", None),
         _p(
             "wait_seconds",
             Annotated[float, Field(ge=0, le=600)] | None,
             "Max seconds to wait (default 45).",
             None,
         ),
-        _p("dry_run", bool, "Validate, show payload and cost; send nothing.", False),
+        _p("dry_run", bool, "Only validate and price it; send nothing.", False),
         _p("idempotency_key", str | None, "Same key = same task, no new charge.", None),
         _p("include_image", IncludeImage | None, "Inline preview.", None),
     )
 }
 
 COMMON_PARAMETERS: tuple[str, ...] = (
-    "service_mode",
-    "webhook_endpoint",
-    "webhook_secret",
     "wait_seconds",
     "dry_run",
     "idempotency_key",
@@ -128,32 +122,44 @@ class TaskTool:
         config = ConfigDict(extra="forbid", strict=True)
         return create_model(f"{self.name}_arguments", __config__=config, **fields)
 
-    def validate_arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """Validate strictly. For an optional argument (one whose default is "not given"), null and
-        "" mean "not given": clients in strict function-calling modes send every property and these
-        for the unset ones. An argument with a real default (width, batch_size, dry_run, ...) takes
-        no null: a broken value must never quietly become the default of a paid call."""
-        optional = {p.name for p in self.all_parameters() if p.default is None}
-        given = {k: v for k, v in arguments.items() if not (k in optional and (v is None or v == ""))}
-        try:
-            return dict(self.arguments_model.model_validate(given))
-        except ValidationError as exc:
-            raise InvalidInputError(c.describe_validation_error(exc)) from exc
+    def validate_arguments(self, arguments: Any) -> dict[str, Any]:
+        return validate_arguments(self.arguments_model, arguments)
 
 
-_ADV = "Runs on Qubico/flux1-dev-advanced ($0.02/image)."
+def validate_arguments(model: type[BaseModel], arguments: Any) -> dict[str, Any]:
+    """Validate a tool's raw arguments strictly with its model, or raise `InvalidInputError`. For an
+    optional argument (one whose default is "not given"), null and "" mean "not given": clients in
+    strict function-calling modes send every property and these for the unset ones. An argument
+    with a real default (width, batch_size, dry_run, ...) takes no null: a broken value must never
+    quietly become the default of a paid call."""
+    arguments = arguments if isinstance(arguments, dict) else {}
+    optional = {name for name, field in model.model_fields.items() if field.default is None}
+    given = {k: v for k, v in arguments.items() if not (k in optional and (v is None or v == ""))}
+    try:
+        return dict(model.model_validate(given))
+    except ValidationError as exc:
+        raise InvalidInputError(c.describe_validation_error(exc)) from exc
+
+
+# Prices come from the catalog ("$/image: schnell 0.0015, ..."), never restated here.
+def _short(model: c.Model) -> str:
+    return model.value.removeprefix("Qubico/flux1-")
+
+
+_PRICES = "$/image: " + ", ".join(f"{_short(m)} {p:g}" for m, p in c.PRICE_PER_IMAGE_USD.items()) + "."
+_ADV = f"${c.PRICE_PER_IMAGE_USD[c.Model.DEV_ADVANCED]:g}/image ({_short(c.Model.DEV_ADVANCED)})."
 _TXT = ("prompt", "negative_prompt", "width", "height", "guidance_scale")
 _IMG = ("prompt", "image", "negative_prompt", "denoise", "guidance_scale")
 
 TASK_TOOLS: tuple[TaskTool, ...] = (
     TaskTool(
         "flux_txt2img", c.TaskType.TXT2IMG, "Flux text to image",
-        "Generate images from a text prompt. $/image: schnell 0.0015, dev 0.015, dev-advanced 0.02.",
+        f"Generate images from a text prompt. {_PRICES}",
         (*_TXT, "batch_size"),
     ),
     TaskTool(
         "flux_img2img", c.TaskType.IMG2IMG, "Flux image to image",
-        "Redraw an input image guided by a prompt. $/image: schnell 0.0015, dev 0.015, dev-advanced 0.02.",
+        f"Redraw an input image guided by a prompt. {_PRICES}",
         (*_IMG, "batch_size"),
     ),
     TaskTool(
@@ -166,8 +172,7 @@ TASK_TOOLS: tuple[TaskTool, ...] = (
     ),
     TaskTool(
         "flux_fill_inpaint", c.TaskType.FILL_INPAINT, "Flux inpaint",
-        "Repaint part of an image: paint the area to replace pure white in the image itself (no "
-        f"separate mask), then describe what goes there. {_ADV}",
+        f"Repaint the area painted white in image (the mask) as the prompt describes. {_ADV}",
         ("prompt", "inpaint_image"),
     ),
     TaskTool(
@@ -229,19 +234,17 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
-def build_request(task_type: c.TaskType, args: dict[str, Any]) -> c.TaskRequest:
-    """Validate flat tool arguments into a `TaskRequest`, or raise `InvalidInputError`."""
+def build_request(
+    task_type: c.TaskType, args: dict[str, Any], *, config: dict[str, Any] | None = None
+) -> c.TaskRequest:
+    """Validate flat tool arguments into a `TaskRequest`, or raise `InvalidInputError`.
+
+    `config` is PiAPI's per-task `config` (service mode, webhook): a deployment setting
+    (`Settings.piapi_config`), not a tool argument."""
     tool = TOOLS_BY_TASK_TYPE[task_type]
     # The tool's defaults apply here too, so library callers get exactly what a tool call sends.
     args = {p.name: p.default for p in tool.all_parameters() if p.default is not REQUIRED} | args
     model = tool.fixed_model or args.get("model") or c.Model.SCHNELL
-    config: dict[str, Any] = {}
-    if args.get("webhook_endpoint"):
-        config["webhook_config"] = {"endpoint": args["webhook_endpoint"], "secret": args.get("webhook_secret") or ""}
-    elif args.get("webhook_secret"):
-        raise InvalidInputError("webhook_secret: set webhook_endpoint too; a secret alone does nothing")
-    if args.get("service_mode"):
-        config["service_mode"] = args["service_mode"]
     try:
         return c.TaskRequest.model_validate(
             {

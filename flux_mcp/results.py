@@ -1,10 +1,13 @@
-"""What a tool call returns: one `TaskResult` schema for every task tool, as MCP content.
+"""What a tool call returns: each tool declares a `ToolResult` type, and results become MCP content.
 
-Every result carries `structuredContent` matching the published `outputSchema`, a short text
-summary for clients that read only text, a `resource_link` per image (the local copy outlives
-PiAPI's temporary URL) and, when asked, small thumbnails as `ImageContent` (never full size: hosts
-cap tool results near 1 MB). Failures use the same shape with `isError: true` and an `error`
-object `{code, category, message, retryable, hint}`, so an agent can branch without parsing text.
+Every result carries `structuredContent` matching the published `outputSchema` and, for clients
+that read only content, one text block: a one-line summary followed by that same structured
+result serialized as JSON (so an agent framework that passes on text alone still gets the task
+id, status and image paths as data). Task results add a `resource_link` per image (the local copy
+outlives PiAPI's temporary URL) and, when asked, small thumbnails as `ImageContent` (never full
+size: hosts cap tool results near 1 MB). Failures use the same shape with `isError: true` and an
+`error` object `{code, category, message, retryable, hint}`, so an agent can branch without
+parsing text.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ import base64
 import json
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from functools import cache
+from typing import Any, ClassVar
 
 from mcp.types import CallToolResult, ImageContent, ResourceLink, TextContent
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from flux_mcp.errors import FluxError, TaskFailedError, TaskLostError
 from flux_mcp.files import mime_of
 from flux_mcp.lifecycle import TaskOutcome
 from flux_mcp.record import Status, TaskRecord
+from flux_mcp.schemas import compact_output, listed_only
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +39,71 @@ _ERROR_KINDS: dict[str, tuple[str, str]] = {
 FAILED_STATUSES = frozenset(_ERROR_KINDS)  # a result with one of these is an `isError` result
 
 
+class ToolResult(BaseModel):
+    """The structured result a tool declares: its JSON schema is the tool's `outputSchema`."""
+
+    #: Fields left out of the published `outputSchema` (still returned; the schema allows them),
+    #: so the tool list stays small: see `schemas.compact_output`.
+    unlisted: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def output_schema(cls) -> dict[str, Any]:
+        return _output_schema(cls)
+
+    def wire(self) -> dict[str, Any]:
+        """The `structuredContent`: None-valued optional fields omitted, required ones kept."""
+        required = {name for name, field in type(self).model_fields.items() if field.is_required()}
+        data = self.model_dump(mode="json")
+        return {k: v for k, v in data.items() if v is not None or k in required}
+
+    def summary(self) -> str:
+        """One line for people and text-only clients; the JSON that follows it has everything."""
+        return ""
+
+    def extra_content(self) -> list[Any]:
+        """Content after the text block (resource links, for results that name images)."""
+        return []
+
+    def to_call_result(self, *, previews: list[tuple[bytes, str]] = (), is_error: bool = False) -> CallToolResult:
+        data = self.wire()
+        summary = self.summary()
+        text = (summary + "\n" if summary else "") + json.dumps(data, ensure_ascii=False)
+        content: list[Any] = [TextContent(type="text", text=text)]
+        content += [
+            ImageContent(type="image", data=base64.b64encode(raw).decode(), mime_type=mime)
+            for raw, mime in previews[:MAX_INLINE_IMAGES]
+        ]
+        content += self.extra_content()
+        return CallToolResult(content=content, structured_content=data, is_error=is_error)
+
+    @classmethod
+    def failure(cls, exc: FluxError, **context: Any) -> CallToolResult:
+        """An anticipated failure as this tool's result. A type with no room for an `error` object
+        reports it as text alone (its `outputSchema` does not apply to error results)."""
+        return CallToolResult(content=[TextContent(type="text", text=error_line(exc))], is_error=True)
+
+
+@cache
+def _output_schema(result_type: type[ToolResult]) -> dict[str, Any]:
+    return compact_output(result_type.model_json_schema(), unlisted=result_type.unlisted)
+
+
+def error_line(exc: FluxError) -> str:
+    text = f"Error [{exc.category}] {exc.message}"
+    if exc.task_id and exc.task_id not in text:
+        text += f" (task {exc.task_id})"
+    return text + (f"\n{exc.hint}" if exc.hint else "")
+
+
 class ImageOut(BaseModel):
     url: str
     path: str | None  # the local copy, or null when not saved
 
 
 class ErrorOut(BaseModel):
+    # The schema lists what an agent branches on; code, message and hint are always returned too.
+    model_config = ConfigDict(json_schema_extra=listed_only("category", "retryable"))
+
     code: int | None
     category: str
     message: str
@@ -47,10 +111,15 @@ class ErrorOut(BaseModel):
     hint: str = ""
 
 
-class TaskResult(BaseModel):
+class TaskResult(ToolResult):
     """The outcome of a Flux task tool (also returned by get and wait). Optional fields are left
     out of `structuredContent` when they have no value; `task_id`, `status` and `error` are always
     present (null for a dry run, or an error before PiAPI gave a task id)."""
+
+    unlisted: ClassVar[frozenset[str]] = frozenset(
+        {"model", "task_type", "created_at", "started_at", "ended_at", "elapsed_seconds", "usage"}
+        | {"estimated_cost_usd", "reattached", "spent_today_usd", "spend_guard", "payload", "next_step"}
+    )
 
     task_id: str | None
     model: str
@@ -70,17 +139,53 @@ class TaskResult(BaseModel):
     payload: dict[str, Any] | None = None
     next_step: str | None = None
 
-    def wire(self) -> dict[str, Any]:
-        """The `structuredContent`: None-valued optional fields omitted, required ones kept."""
-        required = {name for name, field in type(self).model_fields.items() if field.is_required()}
-        data = self.model_dump(mode="json")
-        return {k: v for k, v in data.items() if v is not None or k in required}
+    def summary(self) -> str:
+        if self.status is None and self.error is not None:
+            return f"Error [{self.error.category}] {self.error.message}" + (
+                f" (task {self.task_id})" if self.task_id and self.task_id not in self.error.message else ""
+            )
+        if self.status is None:
+            return f"Dry run: nothing was sent (estimated ${self.estimated_cost_usd})."
+        return f"Task {self.task_id} ({self.task_type}, {self.model}): {self.status}."
+
+    def extra_content(self) -> list[Any]:
+        if not self.task_id:
+            return []
+        # A link only where the resource can be read: `flux://` serves local copies alone.
+        return [
+            ResourceLink(
+                type="resource_link",
+                name=f"{self.task_id}_{n}",
+                uri=f"flux://tasks/{self.task_id}/images/{n}",
+                mime_type=mime_of(image.path),
+                description="Local copy",
+            )
+            for n, image in enumerate(self.images)
+            if image.path
+        ]
+
+    @classmethod
+    def failure(cls, exc: FluxError, *, task_type: str = "", model: str = "", **extra: Any) -> CallToolResult:
+        result = cls(
+            task_id=exc.task_id,
+            model=model,
+            task_type=task_type,
+            status=None,
+            error=ErrorOut(**exc.to_dict()),
+            next_step=exc.hint or None,
+            **extra,
+        )
+        return result.to_call_result(is_error=True)
 
 
 class CancelResult(TaskResult):
     """`flux_cancel_task`: the task as it now stands, and whether PiAPI accepted the cancel."""
 
     cancel_accepted: bool
+
+    @classmethod
+    def failure(cls, exc: FluxError, **context: Any) -> CallToolResult:
+        return super().failure(exc, **{"cancel_accepted": False, **context})
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -136,66 +241,4 @@ def task_result(
         reattached=outcome.reattached,
         spent_today_usd=spent_today_usd,
         next_step=" ".join(notes) or None,
-    )
-
-
-def summary_text(result: TaskResult) -> str:
-    if result.status is None and result.error is not None:
-        text = f"Error [{result.error.category}] {result.error.message}"
-        if result.task_id and result.task_id not in text:
-            text += f" (task {result.task_id})"
-        return text + (f"\n{result.error.hint}" if result.error.hint else "")
-    if result.status is None:
-        return "Dry run: nothing was sent. " + json.dumps(
-            {
-                "payload": result.payload,
-                "estimated_cost_usd": result.estimated_cost_usd,
-                "spend_guard": result.spend_guard,
-                "spent_today_usd": result.spent_today_usd,
-            }
-        )
-    lines = [f"Task {result.task_id} ({result.task_type}, {result.model}): {result.status}."]
-    if result.error:
-        lines.append(f"Error [{result.error.category}] {result.error.message}")
-    for n, image in enumerate(result.images):
-        lines.append(f"Image {n}: {image.path or image.url}" + (f" (url {image.url})" if image.path else ""))
-    if result.next_step:
-        lines.append(result.next_step)
-    return "\n".join(lines)
-
-
-def to_call_result(
-    result: TaskResult, *, previews: list[tuple[bytes, str]] = (), is_error: bool = False
-) -> CallToolResult:
-    content: list[Any] = [TextContent(type="text", text=summary_text(result))]
-    content += [
-        ImageContent(type="image", data=base64.b64encode(data).decode(), mime_type=mime)
-        for data, mime in previews[:MAX_INLINE_IMAGES]
-    ]
-    for n, image in enumerate(result.images):
-        # A link only where the resource can be read: `flux://` serves local copies alone.
-        if result.task_id and image.path:
-            content.append(
-                ResourceLink(
-                    type="resource_link",
-                    name=f"{result.task_id}_{n}",
-                    uri=f"flux://tasks/{result.task_id}/images/{n}",
-                    mime_type=mime_of(image.path),
-                    description="Local copy",
-                )
-            )
-    return CallToolResult(content=content, structured_content=result.wire(), is_error=is_error)
-
-
-def error_result(
-    exc: FluxError, *, task_type: str = "", model: str = "", spent_today_usd: float | None = None
-) -> TaskResult:
-    return TaskResult(
-        spent_today_usd=spent_today_usd,
-        task_id=exc.task_id,
-        model=model,
-        task_type=task_type,
-        status=None,
-        error=ErrorOut(**exc.to_dict()),
-        next_step=exc.hint or None,
     )

@@ -5,11 +5,12 @@ Pydantic's schemas carry an auto-generated `title` on every property, spell `X |
 the null branch: an optional argument is simply not required (the server still accepts an
 explicit null), which is also the most portable form across hosts. Tool *outputs* inline
 their nested models; a required field that can be null gets a type list, and an optional field
-is simply absent from a result when it has no value. tests/test_server_protocol.py measures the result.
+is simply absent from a result when it has no value. tests/test_tool_list.py measures the result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -86,7 +87,24 @@ def _nested(node: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-def compact_output(schema: dict[str, Any]) -> dict[str, Any]:
-    """An output schema made flat (nested models inlined), titleless, nullable fields as type lists."""
+def listed_only(*names: str) -> Callable[[dict[str, Any]], None]:
+    """`json_schema_extra` for a nested output model: describe only these properties."""
+
+    def keep(schema: dict[str, Any]) -> None:
+        schema["properties"] = {k: v for k, v in schema.get("properties", {}).items() if k in names}
+        schema.pop("required", None)
+
+    return keep
+
+
+def compact_output(schema: dict[str, Any], *, unlisted: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """An output schema made flat (nested models inlined), titleless, nullable fields as type lists.
+
+    `unlisted` optional fields are left out of `properties`: results still carry them (the schema
+    does not forbid additional properties) and the text block shows them, but tools/list, which
+    every request of every agent pays for, does not describe them once per tool."""
     defs = schema.get("$defs", {})
-    return _output_node({k: v for k, v in schema.items() if k != "$defs"}, defs, top=True)
+    top = {k: v for k, v in schema.items() if k != "$defs"}
+    top["properties"] = {k: v for k, v in top.get("properties", {}).items() if k not in unlisted}
+    top["required"] = [k for k in top.get("required", []) if k not in unlisted]
+    return _output_node(top, defs, top=True)

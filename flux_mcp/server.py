@@ -3,15 +3,14 @@
 `create_server` validates the settings (a missing key fails here, before any transport opens),
 and its lifespan starts the backend (`runtime.backend`: PiAPI, or the simulator) and builds the
 core (`runtime.build_service`) on a tool's first use, once per process (per connection in memory).
-The tools themselves live in `flux_mcp.tools`.
-
-Two things lean on SDK internals, each in one place with its reason: `_publish_schemas` (titles
-and output `$ref`s) and `FluxServer` (call checks), both through the SDK's registries
-(`_tool_manager`, `_prompt_manager`).
+The tools themselves live in `flux_mcp.tools` (as `toolkit.FluxTool`s). Only the SDK's public API
+is used: `FluxServer` overrides `list_tools`, `call_tool` and `get_prompt`
+(tests/test_public_api.py checks that no `_`-prefixed SDK name is touched).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -21,21 +20,18 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
 from mcp.types import INVALID_PARAMS
-from pydantic import ValidationError
+from mcp.types import Tool as MCPTool
 
 from flux_mcp import __version__
-from flux_mcp.catalog import describe_validation_error
-from flux_mcp.errors import InvalidInputError
 from flux_mcp.gallery.apps import gallery_apps
-from flux_mcp.parameters import TASK_TOOLS
 from flux_mcp.runtime import backend, build_service, close_service
 from flux_mcp.schemas import compact_output, strip_titles
 from flux_mcp.settings import Settings
 from flux_mcp.startup import check_folders
-from flux_mcp.tools import TASK_TOOL_NAMES, AppState, failure_result, list_failure, register_app_tools, register_tools
+from flux_mcp.toolkit import FluxTool
+from flux_mcp.tools import AppState, all_tools, register_app_tools, register_resources
 
 if TYPE_CHECKING:
     import httpx
@@ -103,43 +99,51 @@ def _lifespan(settings: Settings, options: ServerOptions) -> Callable[[MCPServer
 
 
 class FluxServer(MCPServer):
-    """`MCPServer` with the call checks this server needs, on every path (wire or direct call):
+    """`MCPServer` serving `FluxTool`s through the SDK's public overrides, on every path (wire or
+    direct call):
 
+    - tools/list shows the Flux tools in their fixed order, then any tool an extension added (with
+      the same compact schemas).
+    - A Flux tool receives the client's arguments untouched and validates them with its own
+      model (`FluxTool.call`): the SDK would otherwise drop unknown names silently and
+      JSON-decode text that looks like JSON (a prompt of `null`) before the model could report
+      either.
     - An unknown tool is a JSON-RPC -32602 error, as both spec revisions require; `MCPServer`
       still answers it with an `isError` result (python-sdk#3659). The reference servers carry
       the same check; remove it once the SDK does this.
-    - A task tool receives the client's arguments untouched, as one `raw_arguments` value: the
-      SDK would otherwise drop unknown names silently and JSON-decode text that looks like JSON
-      (a prompt of `null`) before the tool's own model could report either.
-    - The other tools keep the SDK's validation, reported as the same `invalid_input` error; an
-      argument they do not have is -32602.
     - `prompts/get` is -32602 for an unknown prompt (this server has none); the SDK would answer
       an internal error.
     """
 
+    def __init__(self, *args: Any, flux_tools: list[FluxTool], **kwargs: Any) -> None:
+        self.flux_tools = {tool.name: tool for tool in flux_tools}
+        super().__init__(*args, **kwargs)
+
+    async def list_tools(self) -> list[MCPTool]:
+        contributed = [
+            # Tools an extension registered (the gallery App's flux_rerun) get the same compact schemas.
+            tool.model_copy(
+                update={
+                    "input_schema": strip_titles(copy.deepcopy(tool.input_schema)),
+                    "output_schema": tool.output_schema and compact_output(tool.output_schema),
+                }
+            )
+            for tool in await super().list_tools()
+        ]
+        return [tool.definition() for tool in self.flux_tools.values()] + contributed
+
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None) -> Any:
-        tool = self._tool_manager.get_tool(name)
-        if tool is None:
+        tool = self.flux_tools.get(name)
+        if tool is not None:
+            return await tool.call(context or Context(mcp_server=self), arguments)
+        if name not in {t.name for t in await super().list_tools()}:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
-        if name in TASK_TOOL_NAMES:
-            return await super().call_tool(name, {"raw_arguments": arguments}, context)
-        if unknown := sorted(set(arguments) - set(tool.parameters.get("properties", {}))):
-            raise MCPError(code=INVALID_PARAMS, message=f"{name} has no argument(s): {', '.join(unknown)}")
-        try:
-            return await super().call_tool(name, arguments, context)
-        except ToolError as exc:
-            if not isinstance(exc.__cause__, ValidationError):
-                raise
-            # The same structured invalid_input error as the task tools give.
-            error = InvalidInputError(describe_validation_error(exc.__cause__))
-            if name == "flux_list_tasks":
-                return list_failure(error)
-            return failure_result(error, cancel=name == "flux_cancel_task")
+        return await super().call_tool(name, arguments, context)
 
     async def get_prompt(
         self, name: str, arguments: dict[str, Any] | None = None, context: Context[Any, Any] | None = None
     ) -> Any:
-        if self._prompt_manager.get_prompt(name) is None:
+        if name not in {p.name for p in await self.list_prompts()}:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {name}")
         return await super().get_prompt(name, arguments, context)
 
@@ -157,6 +161,7 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
     options = options or ServerOptions()
     apps = gallery_apps()
     register_app_tools(apps)
+    tools = all_tools()
     mcp = FluxServer(
         "piapi-flux-mcp",
         title="Flux image generation (PiAPI)",
@@ -165,23 +170,8 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
         lifespan=_lifespan(settings, options),
         log_level=settings.log_level,
         subscriptions=False,
+        flux_tools=tools,
         extensions=[apps],
     )
-    register_tools(mcp)
-    _publish_schemas(mcp)
+    register_resources(mcp)
     return mcp
-
-
-def _publish_schemas(mcp: MCPServer) -> None:
-    # Task tools publish their strict argument model (their signatures are lenient, see
-    # `_task_tool_function`). Pydantic adds a `title` to every property after any per-field hook
-    # has run, and output models arrive behind `$ref`s named by the SDK's generator, so schemas
-    # are compacted here, once, on the registered tools (the SDK reads `fn_metadata.output_schema`
-    # live). `_tool_manager` is the SDK's registry; tests/test_server_protocol.py measures tools/list.
-    strict = {t.name: t.arguments_model.model_json_schema() for t in TASK_TOOLS}
-    for tool in mcp._tool_manager.list_tools():
-        if tool.name in strict:
-            tool.parameters = strict[tool.name]
-        strip_titles(tool.parameters)
-        if tool.fn_metadata.output_schema is not None:
-            tool.fn_metadata.output_schema = compact_output(tool.fn_metadata.output_schema)

@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     """HTTP only: open sessions at once; one more is refused with 503."""
     session_idle_seconds: float = Field(default=1800.0, gt=0, le=86400)
     """HTTP only: a session with no request for this long is closed."""
+    # Deployment choices passed through to PiAPI's `config` on every task (not per-image tool options).
+    service_mode: Literal["public", "private"] | None = None
+    """PiAPI's config.service_mode for every task: public or private."""
+    webhook_endpoint: str | None = None
+    """PiAPI's config.webhook_config.endpoint for every task (http(s)://...), sent with webhook_secret."""
 
     @field_validator("image_roots", mode="before")
     @classmethod
@@ -157,6 +162,28 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https:// (the base URL PiAPI can reach)")
         return value.rstrip("/")
+
+    @field_validator("webhook_endpoint", "service_mode", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("webhook_endpoint")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    def piapi_config(self) -> dict[str, Any]:
+        """PiAPI's per-task `config` for this deployment (empty when nothing is configured)."""
+        config: dict[str, Any] = {}
+        if self.webhook_endpoint:
+            secret = self.webhook_secret.get_secret_value() if self.webhook_secret else ""
+            config["webhook_config"] = {"endpoint": self.webhook_endpoint, "secret": secret}
+        if self.service_mode:
+            config["service_mode"] = self.service_mode
+        return config
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,15 +1,14 @@
 """The tools: eight generated task tools, get/wait/cancel/list, and the task resources.
 
-Each task tool publishes the JSON schema of its own arguments model (built from the shared
-parameter definitions in `flux_mcp.parameters`: descriptions, enums, ranges, defaults) and
-validates the client's raw arguments with that same model, so every bad or unknown argument
-comes back as one structured `invalid_input` error (`FluxServer.call_tool` hands them over raw,
-untouched by the SDK's lenient parsing). All eight run `_run_task_tool`: submit, report the task
-id in the first progress notification, wait up to `wait_seconds` with real progress (status and
-elapsed time, strictly increasing), and return either the finished task or a successful
-`processing` result with the task id, so a client-side time-out can never lose a paid task.
-`flux_get_task`, `flux_wait_task`, `flux_cancel_task` and `flux_list_tasks` work on any task by
-id, from the ledger and PiAPI.
+Each tool is a `toolkit.FluxTool`: an arguments model (for task tools built from the shared
+parameter definitions in `flux_mcp.parameters`: descriptions, enums, ranges, defaults), a result
+type and a body. All eight task tools run `_run_task_tool`: submit, report the task id in the
+first progress notification, wait up to `wait_seconds` with real progress (status and elapsed
+time, strictly increasing), and return either the finished task or a successful `processing`
+result with the task id, so a client-side time-out can never lose a paid task. Their `start`
+submits without waiting, for the Tasks extension (`flux_mcp.tasks`), whose `tasks/get` answers
+with `present_task`: the same result, built from the ledger. `flux_get_task`, `flux_wait_task`,
+`flux_cancel_task` and `flux_list_tasks` work on any task by id, from the ledger and PiAPI.
 
 If the client abandons a task tool's call (cancel notification or dropped request), the wait
 stops and PiAPI is sent a best-effort cancel inside a shielded scope. Abandoning the read-only
@@ -22,9 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import anyio
 from mcp.server import MCPServer
@@ -32,11 +32,12 @@ from mcp.server.apps import Apps
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.server.mcpserver.resolve import Elicit, ElicitationResult, Resolve
-from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field, Strict
+from mcp.types import CallToolResult, ToolAnnotations
+from pydantic import BaseModel, ConfigDict, Field
 
+from flux_mcp.catalog import TaskRequest
 from flux_mcp.confirmation import SpendApproval, Unasked, refusal, spend_question
-from flux_mcp.errors import FluxError, InvalidInputError, NotFoundError
+from flux_mcp.errors import FluxError, InvalidInputError, NotFoundError, about_task
 from flux_mcp.gallery.apps import VIEW_META, VIEW_URI
 from flux_mcp.lifecycle import TaskOutcome, TaskService, summarise_payload
 from flux_mcp.parameters import PARAMETERS, TASK_TOOLS, TaskTool
@@ -47,26 +48,28 @@ from flux_mcp.results import (
     CancelResult,
     ErrorOut,
     TaskResult,
-    error_result,
-    summary_text,
+    ToolResult,
     task_result,
-    to_call_result,
 )
+from flux_mcp.schemas import listed_only, optional_input
 from flux_mcp.settings import Settings
+from flux_mcp.toolkit import FluxTool
 
 log = logging.getLogger(__name__)
-
-TASK_TOOL_NAMES = frozenset(tool.name for tool in TASK_TOOLS)
 
 TASK_TOOL_ANNOTATIONS = ToolAnnotations(
     read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
 )
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=True)
+LOCAL_READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 CANCEL = ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True)
 
 
+#: How long a task id (the Tasks extension's handle) stays valid, said by every tool that makes
+#: one: the ledger never discards a task, so `ttlMs` is null.
+HANDLE_LIFETIME = "Its task_id never expires."
+
 TaskId = Annotated[str, Field(description="task_id from a flux_* result.")]
-ReturnsTask = Annotated[CallToolResult, TaskResult]
 ListStatus = Literal["pending", "processing", "completed", "failed", "cancelled", "uncertain", "lost"]
 TaskTypeName = Literal[
     "txt2img", "img2img", "txt2img-lora", "img2img-lora",
@@ -96,6 +99,9 @@ class AppState:
 
 
 class TaskSummary(BaseModel):
+    # The schema names what a model looks for in the list; every field is returned.
+    model_config = ConfigDict(json_schema_extra=listed_only("task_id", "status", "prompt", "images"))
+
     task_id: str | None
     tool: str
     task_type: str
@@ -108,20 +114,24 @@ class TaskSummary(BaseModel):
     error: str | None = None
 
 
-class TaskList(BaseModel):
+class TaskList(ToolResult):
+    unlisted: ClassVar[frozenset[str]] = frozenset({"spent_today_usd", "daily_budget_usd"})
+
     tasks: list[TaskSummary]
     spent_today_usd: float | None  # null only in an error result
     daily_budget_usd: float | None  # null = no daily limit
     error: ErrorOut | None  # null, or (with isError) why the arguments were refused
 
+    def summary(self) -> str:
+        if self.error is not None:
+            return f"Error [{self.error.category}] {self.error.message}"
+        return f"{len(self.tasks)} task(s), newest first."
 
-def list_failure(exc: FluxError) -> CallToolResult:
-    """`flux_list_tasks`'s error result: the same structured `error` object as every other tool."""
-    result = TaskList(tasks=[], spent_today_usd=None, daily_budget_usd=None, error=ErrorOut(**exc.to_dict()))
-    text = summary_text(error_result(exc))
-    return CallToolResult(
-        content=[TextContent(type="text", text=text)], structured_content=result.model_dump(mode="json"), is_error=True
-    )
+    @classmethod
+    def failure(cls, exc: FluxError, **context: Any) -> CallToolResult:
+        """The same structured `error` object as every other tool."""
+        error = ErrorOut(**exc.to_dict())
+        return cls(tasks=[], spent_today_usd=None, daily_budget_usd=None, error=error).to_call_result(is_error=True)
 
 
 class _Progress:
@@ -159,24 +169,6 @@ def _state(ctx: Context) -> AppState:
     return ctx.request_context.lifespan_context
 
 
-def _settings_include(settings: Settings, include_image: str | None) -> str:
-    return include_image or settings.include_image
-
-
-def failure_result(
-    exc: FluxError,
-    *,
-    task_type: str = "",
-    model: str = "",
-    cancel: bool = False,
-    spent_today_usd: float | None = None,
-) -> CallToolResult:
-    result = error_result(exc, task_type=task_type, model=model, spent_today_usd=spent_today_usd)
-    if cancel:  # flux_cancel_task publishes CancelResult: its errors must match that schema too
-        result = CancelResult(**dict(result), cancel_accepted=False)
-    return to_call_result(result, is_error=True)
-
-
 async def _present(
     service: TaskService,
     outcome: TaskOutcome,
@@ -194,7 +186,18 @@ async def _present(
     previews = []
     if include == "thumbnail":
         previews = await service.previews([(i.url, i.path) for i in result.images], limit=MAX_INLINE_IMAGES)
-    return to_call_result(result, previews=previews, is_error=failed)
+    return result.to_call_result(previews=previews, is_error=failed)
+
+
+@dataclass
+class _Submitted:
+    """A task tool's call once submitted: what to wait for and how to present it."""
+
+    request: TaskRequest
+    record: TaskRecord
+    reattached: bool
+    include: str
+    wait_seconds: float
 
 
 def _split_options(settings: Settings, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -202,29 +205,27 @@ def _split_options(settings: Settings, args: dict[str, Any]) -> tuple[dict[str, 
     task_args = dict(args)
     options = {name: task_args.pop(name) for name in ("wait_seconds", "dry_run", "idempotency_key", "include_image")}
     options["wait_seconds"] = settings.wait_seconds if options["wait_seconds"] is None else options["wait_seconds"]
-    options["include_image"] = _settings_include(settings, options["include_image"])
+    options["include_image"] = options["include_image"] or settings.include_image
     return task_args, options
 
 
-async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any], approval: Any = None) -> CallToolResult:
-    state = _state(ctx)
-    service, settings = state.service, state.settings
-    args, options = _split_options(settings, args)
+async def _submit(
+    tool: TaskTool, state: AppState, args: dict[str, Any], approval: Any = None, on_queued: Any = None
+) -> _Submitted | CallToolResult:
+    """Validated arguments -> a submitted task, or the finished result of a dry run."""
+    service = state.service
+    args, options = _split_options(state.settings, args)
     idempotency_key, include = options["idempotency_key"], options["include_image"]
-    model = str(tool.fixed_model or args.get("model") or "")
-    try:
-        request = await service.prepare(tool.task_type, args)
-    except FluxError as exc:
-        return failure_result(exc, task_type=tool.task_type.value, model=model)
-    task_type, model, cost = request.task_type.value, request.model.value, request.estimated_cost_usd
+    request = await service.prepare(tool.task_type, args)
+    cost = request.estimated_cost_usd
     if options["dry_run"]:
         spent = await service.spent_today()
         reattach = await service.would_reattach(tool.name, request, idempotency_key)
         decision = "allowed" if reattach else service.guard.decide(cost, spent)
-        result = TaskResult(
+        return TaskResult(
             task_id=None,
-            model=model,
-            task_type=task_type,
+            model=request.model.value,
+            task_type=request.task_type.value,
             status=None,
             error=None,
             payload=summarise_payload(request.to_payload()),
@@ -232,48 +233,72 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any], app
             spent_today_usd=spent,
             spend_guard=decision,
             next_step=f"Nothing was sent (spend guard: {decision}). Call again without dry_run to submit.",
-        )
-        return to_call_result(result)
+        ).to_call_result()
     if (refused := refusal(approval)) is not None:
-        return failure_result(refused, task_type=task_type, model=model, spent_today_usd=await service.spent_today())
-    progress = _Progress(ctx)
-    try:
-        submission = await service.submit(
-            tool.name, request, arguments=args, idempotency_key=idempotency_key, on_queued=progress.queued
-        )
-    except FluxError as exc:
-        return failure_result(exc, task_type=task_type, model=model, spent_today_usd=await service.spent_today())
-    record = submission.record
-    try:
-        # `initial` makes the first progress notification carry the task id before any waiting.
-        outcome = await service.wait(
-            record.task_id, timeout=options["wait_seconds"], on_update=progress.send, initial=record
-        )
-    except anyio.get_cancelled_exc_class():
-        if not submission.reattached:
-            with anyio.CancelScope(shield=True):
-                await service.cancel_quietly(record.task_id)
-        raise
-    except FluxError as exc:
-        exc.task_id = exc.task_id or record.task_id
-        return failure_result(exc, task_type=task_type, model=model)
-    outcome.reattached = submission.reattached
-    spent = await service.spent_today()
-    return await _present(service, outcome, include, estimated_cost_usd=cost, spent_today_usd=spent)
+        raise refused
+    # The preview choice is kept with the task, so a result fetched later looks the same.
+    arguments = {**args, "include_image": include}
+    submission = await service.submit(
+        tool.name, request, arguments=arguments, idempotency_key=idempotency_key, on_queued=on_queued
+    )
+    return _Submitted(
+        request=request,
+        record=submission.record,
+        reattached=submission.reattached,
+        include=include,
+        wait_seconds=options["wait_seconds"],
+    )
+
+
+async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any], approval: Any = None) -> CallToolResult:
+    service = _state(ctx).service
+    progress = _Progress(ctx)  # also reports a turn waited in the local queue
+    submitted = await _submit(tool, _state(ctx), args, approval, on_queued=progress.queued)
+    if isinstance(submitted, CallToolResult):
+        return submitted
+    record = submitted.record
+    with about_task(record.task_id):
+        try:
+            # `initial` makes the first progress notification carry the task id before any waiting.
+            outcome = await service.wait(
+                record.task_id, timeout=submitted.wait_seconds, on_update=progress.send, initial=record
+            )
+        except anyio.get_cancelled_exc_class():
+            if not submitted.reattached:
+                with anyio.CancelScope(shield=True):
+                    await service.cancel_quietly(record.task_id)
+            raise
+    outcome.reattached = submitted.reattached
+    cost, spent = submitted.request.estimated_cost_usd, await service.spent_today()
+    return await _present(service, outcome, submitted.include, estimated_cost_usd=cost, spent_today_usd=spent)
+
+
+async def present_task(state: AppState, task_id: str) -> tuple[TaskRecord, CallToolResult]:
+    """A task as its task tool would have returned it, from the ledger (one poll if it is still
+    running): the Tasks extension's `tasks/get`. Raises `NotFoundError` for a task the ledger
+    does not hold."""
+    entry = await state.service.ledger.get(task_id)
+    if entry is None or entry.record is None:
+        raise NotFoundError(f"task {task_id} is not in the local ledger", task_id=task_id)
+    with about_task(task_id):
+        outcome = await state.service.wait(task_id, timeout=0)
+    include = entry.request.get("include_image") or state.settings.include_image
+    cost, spent = entry.estimated_cost_usd, await state.service.spent_today()
+    result = await _present(state.service, outcome, include, estimated_cost_usd=cost, spent_today_usd=spent)
+    return outcome.record, result
 
 
 def _confirm_resolver(tool: TaskTool) -> Callable[..., Awaitable[Unasked | Elicit[SpendApproval]]]:
     """Runs before the tool body: asks the user to confirm a call above the per-call threshold."""
 
-    async def confirm_spend(ctx: Context, raw_arguments: Any = None) -> Unasked | Elicit[SpendApproval]:
+    async def confirm_spend(ctx: Context, arguments: dict[str, Any]) -> Unasked | Elicit[SpendApproval]:
         state = _state(ctx)
         if state.settings.confirm_above_usd is None:
             return Unasked()
+        args, options = _split_options(state.settings, arguments)
+        if options["dry_run"]:
+            return Unasked()
         try:
-            args = tool.validate_arguments(raw_arguments if isinstance(raw_arguments, dict) else {})
-            args, options = _split_options(state.settings, args)
-            if options["dry_run"]:
-                return Unasked()
             request = await state.service.prepare(tool.task_type, args)
         except FluxError:
             return Unasked()  # the tool body reports it
@@ -282,22 +307,166 @@ def _confirm_resolver(tool: TaskTool) -> Callable[..., Awaitable[Unasked | Elici
     return confirm_spend
 
 
-def _task_tool_function(tool: TaskTool) -> Callable[..., Awaitable[CallToolResult]]:
-    """The tool body: validates the raw arguments (see `FluxServer.call_tool`) with the tool's model."""
-
-    async def run(ctx: Context, raw_arguments: Any = None, approval: Any = None) -> ReturnsTask:
-        try:
-            args = tool.validate_arguments(raw_arguments if isinstance(raw_arguments, dict) else {})
-        except FluxError as exc:
-            given = raw_arguments.get("model") if isinstance(raw_arguments, dict) else None
-            model = tool.fixed_model or (given if isinstance(given, str) else None) or PARAMETERS["model"].default
-            return failure_result(exc, task_type=tool.task_type.value, model=str(model))
+def _task_tool(tool: TaskTool) -> FluxTool:
+    async def run(ctx: Context, args: dict[str, Any], approval: Any = None) -> CallToolResult:
         return await _run_task_tool(tool, ctx, args, approval)
 
-    run.__name__ = run.__qualname__ = tool.name
-    # The SDK fills `approval` by running the resolver first (elicitation in both protocol eras).
-    run.__annotations__["approval"] = Annotated[ElicitationResult[SpendApproval], Resolve(_confirm_resolver(tool))]
-    return run
+    async def start(ctx: Context, args: dict[str, Any], approval: Any = None) -> TaskRecord | CallToolResult:
+        submitted = await _submit(tool, _state(ctx), args, approval)
+        return submitted if isinstance(submitted, CallToolResult) else submitted.record
+
+    async def error_context(ctx: Context, raw: Mapping[str, Any]) -> dict[str, Any]:
+        given = raw.get("model")
+        model = tool.fixed_model or (given if isinstance(given, str) else None) or PARAMETERS["model"].default
+        context: dict[str, Any] = {"task_type": tool.task_type.value, "model": str(model)}
+        state = _state(ctx)
+        if state.service_built:  # today's spend, without building the service for a rejected argument
+            context["spent_today_usd"] = await state.service.spent_today()
+        return context
+
+    def needs(approval: Any) -> None:
+        """The SDK runs the resolver first (elicitation in both protocol eras) and passes `approval`."""
+
+    needs.__annotations__ = {
+        "approval": Annotated[ElicitationResult[SpendApproval], Resolve(_confirm_resolver(tool))],
+        "return": None,
+    }
+
+    return FluxTool(
+        name=tool.name,
+        title=tool.title,
+        description=f"{tool.description} {HANDLE_LIFETIME}",
+        arguments=tool.arguments_model,
+        result=TaskResult,
+        run=run,
+        annotations=TASK_TOOL_ANNOTATIONS,
+        error_context=error_context,
+        needs=needs,
+        start=start,
+        meta=VIEW_META,
+    )
+
+
+# --- get / wait / cancel / list ---------------------------------------------------------------
+
+
+def _optional(description: str) -> Any:
+    return Field(description=description, json_schema_extra=optional_input)
+
+
+class _Arguments(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # as the task tools: never coerced
+
+
+class TaskIdArguments(_Arguments):
+    task_id: TaskId
+
+
+class WaitArguments(TaskIdArguments):
+    wait_seconds: Annotated[float | None, Field(ge=0, le=600), _optional("Seconds to wait (default 45).")] = None
+
+
+class ListArguments(_Arguments):
+    status: Annotated[ListStatus | None, _optional("Only this status.")] = None
+    task_type: Annotated[TaskTypeName | None, _optional("Only this task type.")] = None
+    limit: Annotated[int, Field(ge=1, le=200, description="At most this many.")] = 20
+
+
+async def _get_task(ctx: Context, args: dict[str, Any]) -> CallToolResult:
+    state = _state(ctx)
+    with about_task(args["task_id"]):
+        outcome = await state.service.get(args["task_id"])
+    return await _present(state.service, outcome, state.settings.include_image)
+
+
+async def _wait_task(ctx: Context, args: dict[str, Any]) -> CallToolResult:
+    state = _state(ctx)
+    timeout = state.settings.wait_seconds if args["wait_seconds"] is None else args["wait_seconds"]
+    with about_task(args["task_id"]):
+        outcome = await state.service.wait(args["task_id"], timeout=timeout, on_update=_Progress(ctx).send)
+    return await _present(state.service, outcome, state.settings.include_image)
+
+
+async def _cancel_task(ctx: Context, args: dict[str, Any]) -> CallToolResult:
+    state = _state(ctx)
+    with about_task(args["task_id"]):
+        cancel, outcome = await state.service.cancel(args["task_id"])
+    outcome.notes.insert(0, cancel.message + ".")
+    return await _present(state.service, outcome, "none", cancel_accepted=cancel.accepted)
+
+
+async def _list_tasks(ctx: Context, args: dict[str, Any]) -> CallToolResult:
+    state = _state(ctx)
+    entries = await state.service.ledger.list(**args)
+    return TaskList(
+        error=None,
+        tasks=[_summary(e) for e in entries],
+        spent_today_usd=await state.service.spent_today(),
+        daily_budget_usd=state.settings.daily_budget_usd,
+    ).to_call_result()
+
+
+def all_tools() -> list[FluxTool]:
+    """Every tool, in the order tools/list shows them (task tools first, in catalog order)."""
+    return [
+        *(_task_tool(tool) for tool in TASK_TOOLS),
+        FluxTool(
+            name="flux_get_task",
+            title="Get a Flux task",
+            description="Current state of a task, without waiting.",
+            arguments=TaskIdArguments,
+            result=TaskResult,
+            run=_get_task,
+            annotations=READ_ONLY,
+            meta=VIEW_META,
+        ),
+        FluxTool(
+            name="flux_wait_task",
+            title="Wait for a Flux task",
+            description="Keep waiting for a task that came back 'processing'.",
+            arguments=WaitArguments,
+            result=TaskResult,
+            run=_wait_task,
+            annotations=READ_ONLY,
+            meta=VIEW_META,
+        ),
+        FluxTool(
+            name="flux_cancel_task",
+            title="Cancel a Flux task",
+            description="Ask PiAPI to cancel a task (only pending tasks can be).",
+            arguments=TaskIdArguments,
+            result=CancelResult,
+            run=_cancel_task,
+            annotations=CANCEL,
+        ),
+        FluxTool(
+            name="flux_list_tasks",
+            title="List Flux tasks",
+            description="Tasks from the local ledger, newest first.",
+            arguments=ListArguments,
+            result=TaskList,
+            run=_list_tasks,
+            annotations=LOCAL_READ_ONLY,
+            meta=VIEW_META,
+        ),
+    ]
+
+
+def _summary(entry: Any) -> TaskSummary:
+    request = entry.request if isinstance(entry.request, dict) else {}
+    prompt = request.get("prompt") or (entry.payload.get("input") or {}).get("prompt")
+    return TaskSummary(
+        task_id=entry.task_id,
+        tool=entry.tool,
+        task_type=entry.task_type,
+        model=entry.model,
+        status=entry.status,
+        submit_state=entry.submit_state,
+        created_at=datetime.fromtimestamp(entry.created_at, UTC).isoformat(timespec="seconds"),
+        prompt=prompt[:200] if isinstance(prompt, str) else None,
+        images=[row.path or row.url for row in entry.images],
+        error=(entry.error or {}).get("message") if isinstance(entry.error, dict) else None,
+    )
 
 
 # --- the gallery App's own action -------------------------------------------------------------------
@@ -353,112 +522,17 @@ def register_app_tools(apps: Apps) -> None:
         task_id: TaskId,
         ctx: Context,
         approval: Annotated[ElicitationResult[SpendApproval], Resolve(_confirm_rerun)] = None,
-    ) -> ReturnsTask:
+    ) -> Annotated[CallToolResult, TaskResult]:
         """Submit a task's request again as a new, paid task (spend guard applies); returns at once."""
-        state = _state(ctx)
         try:
-            tool, args = await _rerun_arguments(state, task_id)
+            with about_task(task_id):
+                tool, args = await _rerun_arguments(_state(ctx), task_id)
+            return await _run_task_tool(tool, ctx, args, approval)
         except FluxError as exc:
-            exc.task_id = exc.task_id or task_id
-            return failure_result(exc)
-        return await _run_task_tool(tool, ctx, args, approval)
+            return TaskResult.failure(exc)
 
 
-def register_tools(mcp: MCPServer) -> None:
-    for tool in TASK_TOOLS:
-        mcp.add_tool(
-            _task_tool_function(tool),
-            name=tool.name,
-            title=tool.title,
-            description=tool.description,
-            annotations=TASK_TOOL_ANNOTATIONS,
-            meta=VIEW_META,
-        )
-    _register_task_management(mcp)
-    _register_resources(mcp)
-
-
-def _register_task_management(mcp: MCPServer) -> None:
-    @mcp.tool(title="Get a Flux task", annotations=READ_ONLY, meta=VIEW_META)
-    async def flux_get_task(task_id: TaskId, ctx: Context) -> ReturnsTask:
-        """Current state of a task, without waiting."""
-        state = _state(ctx)
-        try:
-            outcome = await state.service.get(task_id)
-        except FluxError as exc:
-            exc.task_id = exc.task_id or task_id
-            return failure_result(exc)
-        return await _present(state.service, outcome, state.settings.include_image)
-
-    @mcp.tool(title="Wait for a Flux task", annotations=READ_ONLY, meta=VIEW_META)
-    async def flux_wait_task(
-        task_id: TaskId,
-        ctx: Context,
-        wait_seconds: Annotated[
-            float | None, Strict(), Field(ge=0, le=600, description="Seconds to wait (default 45).")
-        ] = None,
-    ) -> ReturnsTask:
-        """Keep waiting for a task that came back 'processing'."""
-        state = _state(ctx)
-        timeout = state.settings.wait_seconds if wait_seconds is None else wait_seconds
-        progress = _Progress(ctx)
-        try:
-            outcome = await state.service.wait(task_id, timeout=timeout, on_update=progress.send)
-        except FluxError as exc:
-            exc.task_id = exc.task_id or task_id
-            return failure_result(exc)
-        return await _present(state.service, outcome, state.settings.include_image)
-
-    @mcp.tool(title="Cancel a Flux task", annotations=CANCEL)
-    async def flux_cancel_task(task_id: TaskId, ctx: Context) -> Annotated[CallToolResult, CancelResult]:
-        """Ask PiAPI to cancel a task (only pending tasks can be)."""
-        state = _state(ctx)
-        try:
-            cancel, outcome = await state.service.cancel(task_id)
-        except FluxError as exc:
-            exc.task_id = exc.task_id or task_id
-            return failure_result(exc, cancel=True)
-        outcome.notes.insert(0, cancel.message + ".")
-        return await _present(state.service, outcome, "none", cancel_accepted=cancel.accepted)
-
-    @mcp.tool(
-        title="List Flux tasks", annotations=ToolAnnotations(read_only_hint=True, open_world_hint=False), meta=VIEW_META
-    )
-    async def flux_list_tasks(
-        ctx: Context,
-        status: Annotated[ListStatus | None, Field(description="Only this status (null = any).")] = None,
-        task_type: Annotated[TaskTypeName | None, Field(description="Only this task type (null = any).")] = None,
-        limit: Annotated[int, Strict(), Field(ge=1, le=200, description="Newest first, at most this many.")] = 20,
-    ) -> TaskList:
-        """Tasks from the local ledger, newest first."""
-        state = _state(ctx)
-        entries = await state.service.ledger.list(status=status, task_type=task_type, limit=limit)
-        return TaskList(
-            error=None,
-            tasks=[_summary(e) for e in entries],
-            spent_today_usd=await state.service.spent_today(),
-            daily_budget_usd=state.settings.daily_budget_usd,
-        )
-
-
-def _summary(entry: Any) -> TaskSummary:
-    request = entry.request if isinstance(entry.request, dict) else {}
-    prompt = request.get("prompt") or (entry.payload.get("input") or {}).get("prompt")
-    return TaskSummary(
-        task_id=entry.task_id,
-        tool=entry.tool,
-        task_type=entry.task_type,
-        model=entry.model,
-        status=entry.status,
-        submit_state=entry.submit_state,
-        created_at=datetime.fromtimestamp(entry.created_at, UTC).isoformat(timespec="seconds"),
-        prompt=prompt[:200] if isinstance(prompt, str) else None,
-        images=[row.path or row.url for row in entry.images],
-        error=(entry.error or {}).get("message") if isinstance(entry.error, dict) else None,
-    )
-
-
-def _register_resources(mcp: MCPServer) -> None:
+def register_resources(mcp: MCPServer) -> None:
     @mcp.resource("flux://tasks/{task_id}", mime_type="application/json", title="Flux task record")
     async def task_record(task_id: str, ctx: Context) -> str:
         """The ledger's record of a task: request, status history, image URLs and local copies."""

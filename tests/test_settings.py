@@ -43,3 +43,32 @@ def test_a_working_directory_that_would_expose_the_whole_disk_or_home_is_not_a_r
     monkeypatch.chdir({"/": Path("/"), "home": home, "above-home": tmp_path / "users"}[cwd])
     settings = Settings(output_dir=tmp_path / "out")
     assert settings.allowed_image_roots() == [(tmp_path / "out").resolve()]
+
+
+def test_deployment_options_become_piapi_config(monkeypatch):
+    assert Settings().piapi_config() == {}
+    monkeypatch.setenv("FLUX_MCP_SERVICE_MODE", "private")
+    monkeypatch.setenv("FLUX_MCP_WEBHOOK_ENDPOINT", "https://hooks.example/piapi")
+    monkeypatch.setenv("FLUX_MCP_WEBHOOK_SECRET", "s3cr3t")
+    settings = Settings()
+    assert "s3cr3t" not in repr(settings)
+    assert settings.piapi_config() == {
+        "webhook_config": {"endpoint": "https://hooks.example/piapi", "secret": "s3cr3t"},
+        "service_mode": "private",
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"FLUX_MCP_SERVICE_MODE": "vip"}, "service_mode"),
+        ({"FLUX_MCP_WEBHOOK_ENDPOINT": "not a url"}, "http:// or https://"),
+    ],
+)
+def test_bad_deployment_options_are_refused_at_startup(monkeypatch, env, expected):
+    from pydantic import ValidationError
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=expected):
+        Settings()

@@ -180,11 +180,19 @@ async def test_a_simulated_task_pending_when_the_process_exited_is_lost_afterwar
 # --- item 5: secrets PiAPI echoes are scrubbed before anything returns, logs or stores them --------
 
 
-async def test_a_task_error_echoing_the_key_and_webhook_secret_is_scrubbed_everywhere(server, sim, settings, caplog):
+async def test_a_task_error_echoing_the_key_and_webhook_secret_is_scrubbed_everywhere(
+    sim, settings, fast_options, caplog
+):
+    from pydantic import SecretStr
+
+    from flux_mcp.server import create_server
+
     secret = "hook-s3cr3t-value"
     echo = {"message": f"bad key {sim.api_key} / {secret}", "raw_message": f"x-api-key={sim.api_key}"}
     sim.state.add_fault("fail_next", **echo)
-    args = {"prompt": "echo", "webhook_endpoint": "https://hooks.example/x", "webhook_secret": secret}
+    hooked = {"webhook_endpoint": "https://hooks.example/x", "webhook_secret": SecretStr(secret)}
+    server = create_server(settings.model_copy(update=hooked), fast_options)
+    args = {"prompt": "echo"}
     caplog.set_level("DEBUG")
     async with Client(server) as client:
         result = await client.call_tool("flux_txt2img", args)
