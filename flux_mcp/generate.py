@@ -30,7 +30,7 @@ from flux_mcp.catalog import TaskType
 from flux_mcp.lifecycle import TaskOutcome, TaskService
 from flux_mcp.parameters import TOOLS_BY_TASK_TYPE, TaskTool
 from flux_mcp.record import TaskRecord
-from flux_mcp.results import TaskResult, error_result, task_result
+from flux_mcp.results import TaskResult, task_result
 from flux_mcp.runtime import open_service
 from flux_mcp.settings import Settings
 
@@ -188,7 +188,7 @@ async def generate(
     try:
         args = tool.validate_arguments(arguments)
     except errors.FluxError as exc:
-        return error_result(exc, task_type=tool.task_type.value, model=model)
+        return TaskResult.from_error(exc, task_type=tool.task_type.value, model=model)
     for name in _TOOL_ONLY:
         args.pop(name, None)
     dry_run = args.pop("dry_run", False)
@@ -209,7 +209,7 @@ async def generate(
                 )
             submission = await service.submit(tool.name, request, arguments=args, idempotency_key=key)
         except errors.FluxError as exc:
-            return error_result(exc, task_type=tool.task_type.value, model=model)
+            return TaskResult.from_error(exc, task_type=tool.task_type.value, model=model)
         record = submission.record
         if submission.reattached:
             progress.note(
@@ -226,7 +226,7 @@ async def generate(
             raise
         except errors.FluxError as exc:
             exc.task_id = exc.task_id or record.task_id
-            return error_result(exc, task_type=request.task_type.value, model=request.model.value)
+            return TaskResult.from_error(exc, task_type=request.task_type.value, model=request.model.value)
         outcome.reattached = submission.reattached
         return task_result(outcome, estimated_cost_usd=request.estimated_cost_usd)
 

@@ -35,7 +35,15 @@ from flux_mcp.catalog import TaskRequest, TaskType, expected_images
 from flux_mcp.files import ImageStore, InputResolver, fetch_image, make_thumbnail
 from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id, owner_is_gone
 from flux_mcp.parameters import build_request
-from flux_mcp.polling import OnUpdate, PolicySchedule, PollPlanner, PollPolicy, Schedule, wait_for_task
+from flux_mcp.polling import (
+    MIN_GAP_SECONDS,
+    OnUpdate,
+    PolicySchedule,
+    PollPlanner,
+    PollPolicy,
+    Schedule,
+    wait_for_task,
+)
 from flux_mcp.push import TaskEvents
 from flux_mcp.record import TaskError, TaskRecord
 from flux_mcp.settings import Settings
@@ -359,6 +367,13 @@ class TaskService:
         if recorded is not None and recorded.record != record:
             recorded = None
         return await self.finish(record, patience=max(0.0, deadline - self._clock()), recorded=recorded, kind=kind)
+
+    def suggested_poll_seconds(self, record: TaskRecord) -> float:
+        """How long a client polling this task should wait before asking again (the Tasks
+        extension's `pollIntervalMs`): the next step of the same schedule `wait` follows."""
+        now = self._clock()
+        schedule = self._schedule(record.task_id, self.planner.kind_of(record.task_id))
+        return max(MIN_GAP_SECONDS, schedule.next_poll(record, now=now, scheduled=now) - now)
 
     def _schedule(self, task_id: str, kind: TaskKind | None) -> Schedule:
         if self.policy is not None:

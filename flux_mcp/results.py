@@ -165,8 +165,8 @@ class TaskResult(ToolResult):
         ]
 
     @classmethod
-    def failure(cls, exc: FluxError, *, task_type: str = "", model: str = "", **extra: Any) -> CallToolResult:
-        result = cls(
+    def from_error(cls, exc: FluxError, *, task_type: str = "", model: str = "", **extra: Any) -> TaskResult:
+        return cls(
             task_id=exc.task_id,
             model=model,
             task_type=task_type,
@@ -175,7 +175,10 @@ class TaskResult(ToolResult):
             next_step=exc.hint or None,
             **extra,
         )
-        return result.to_call_result(is_error=True)
+
+    @classmethod
+    def failure(cls, exc: FluxError, **context: Any) -> CallToolResult:
+        return cls.from_error(exc, **context).to_call_result(is_error=True)
 
 
 class CancelResult(TaskResult):

@@ -3,9 +3,9 @@
 `create_server` validates the settings (a missing key fails here, before any transport opens),
 and its lifespan starts the backend (`runtime.backend`: PiAPI, or the simulator) and builds the
 core (`runtime.build_service`) on a tool's first use, once per process (per connection in memory).
-The tools themselves live in `flux_mcp.tools` (as `toolkit.FluxTool`s). Only the SDK's public API
-is used: `FluxServer` overrides `list_tools`, `call_tool` and `get_prompt`
-(tests/test_public_api.py checks that no `_`-prefixed SDK name is touched).
+The tools themselves live in `flux_mcp.tools` (as `toolkit.FluxTool`s), the Tasks extension in
+`flux_mcp.tasks`. Only the SDK's public API is used: `FluxServer` overrides `list_tools`,
+`call_tool` and `get_prompt` (tests/test_public_api.py checks that no `_`-prefixed SDK name is touched).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from flux_mcp.runtime import backend, build_service, close_service
 from flux_mcp.schemas import compact_output, strip_titles
 from flux_mcp.settings import Settings
 from flux_mcp.startup import check_folders
+from flux_mcp.tasks import TasksExtension
 from flux_mcp.toolkit import FluxTool
 from flux_mcp.tools import AppState, all_tools, register_app_tools, register_resources
 
@@ -171,7 +172,7 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
         log_level=settings.log_level,
         subscriptions=False,
         flux_tools=tools,
-        extensions=[apps],
+        extensions=[apps, TasksExtension(tools)],
     )
     register_resources(mcp)
     return mcp

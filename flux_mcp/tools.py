@@ -281,7 +281,10 @@ async def present_task(state: AppState, task_id: str) -> tuple[TaskRecord, CallT
     if entry is None or entry.record is None:
         raise NotFoundError(f"task {task_id} is not in the local ledger", task_id=task_id)
     with about_task(task_id):
-        outcome = await state.service.wait(task_id, timeout=0)
+        if entry.record.is_terminal:  # from the ledger (and the local copies), no request
+            outcome = await state.service.wait(task_id, timeout=0)
+        else:
+            outcome = await state.service.get(task_id)
     include = entry.request.get("include_image") or state.settings.include_image
     cost, spent = entry.estimated_cost_usd, await state.service.spent_today()
     result = await _present(state.service, outcome, include, estimated_cost_usd=cost, spent_today_usd=spent)
