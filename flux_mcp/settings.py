@@ -171,9 +171,9 @@ class Settings(BaseSettings):
     @field_validator("webhook_endpoint")
     @classmethod
     def _webhook_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
+        from flux_mcp.catalog import check_http_url  # the same rule as every URL argument
+
+        return None if value is None else check_http_url(value)
 
     def piapi_config(self) -> dict[str, Any]:
         """PiAPI's per-task `config` for this deployment (empty when nothing is configured)."""

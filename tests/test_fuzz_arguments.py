@@ -73,9 +73,6 @@ ARGUMENTS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
         f"outpaint_{side}": _number(0, 512, integer=True, below=-1, above=c.MAX_PIXELS + 1)
         for side in ("left", "right", "top", "bottom")
     },
-    "service_mode": _choice(["public", "private"]),
-    "webhook_endpoint": (st.just("https://hooks.example/x"), st.one_of(_bad_urls, _not_str)),
-    "webhook_secret": (_text, _not_str),
     "wait_seconds": _number(0, 1, integer=False, below=-1, above=601),
     "dry_run": (st.just(True), _not_bool),  # valid sets never pay
     "idempotency_key": (_text, _not_str),

@@ -62,7 +62,9 @@ def test_deployment_options_become_piapi_config(monkeypatch):
     ("env", "expected"),
     [
         ({"FLUX_MCP_SERVICE_MODE": "vip"}, "service_mode"),
-        ({"FLUX_MCP_WEBHOOK_ENDPOINT": "not a url"}, "http:// or https://"),
+        ({"FLUX_MCP_WEBHOOK_ENDPOINT": "not a url"}, "webhook_endpoint"),
+        ({"FLUX_MCP_WEBHOOK_ENDPOINT": "http:///path"}, "webhook_endpoint"),
+        ({"FLUX_MCP_WEBHOOK_ENDPOINT": "ftp://hooks.example/x"}, "webhook_endpoint"),
     ],
 )
 def test_bad_deployment_options_are_refused_at_startup(monkeypatch, env, expected):

@@ -37,8 +37,6 @@ def posts(sim) -> int:
         ("flux_txt2img", {"dry_run": 0}, "dry_run"),
         ("flux_txt2img", {"dry_run": None}, "dry_run"),
         ("flux_txt2img", {"guidance_scale": "3"}, "guidance_scale"),
-        ("flux_txt2img", {"webhook_endpoint": "http:///path"}, "webhook_endpoint"),
-        ("flux_txt2img", {"webhook_endpoint": "ftp://hooks.example/x"}, "webhook_endpoint"),
         ("flux_img2img", {"image": "http:///in.png"}, "image"),
         ("flux_controlnet_lora", {"control_type": "depth", "control_image": "x.png", "return_preprocessed_image": 1},
          "return_preprocessed_image"),
@@ -58,7 +56,7 @@ async def test_a_value_of_the_wrong_json_type_is_refused_naming_the_field(server
 
 
 async def test_null_and_empty_still_mean_not_given_for_optional_arguments(server, sim):
-    args = {"prompt": "loose", "guidance_scale": None, "negative_prompt": "", "webhook_endpoint": None,
+    args = {"prompt": "loose", "guidance_scale": None, "negative_prompt": "",
             "wait_seconds": None, "include_image": None, "dry_run": True}  # fmt: skip
     async with Client(server) as client:
         result = await client.call_tool("flux_txt2img", args)
