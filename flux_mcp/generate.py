@@ -311,9 +311,10 @@ def run(
     wait_seconds: float,
     fresh: bool,
     as_json: bool,
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
 ) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
     if not settings.simulate:
         settings.require_api_key()  # ConfigurationError: one line, exit 2, before anything starts
     tool = tool_for(task)

@@ -3,6 +3,7 @@ simulator, piped and under a pseudo-terminal, as people and scripts would run it
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import anyio
 import pytest
 from PIL import Image
 
+from flux_mcp.cli import main
 from flux_mcp.errors import ErrorCategory
 from flux_mcp.generate import EXIT_CODES, EXIT_INTERRUPTED, EXIT_STILL_RUNNING, Progress
 from flux_mcp.record import TaskRecord
@@ -36,6 +38,24 @@ def _env(sim, tmp_path: Path) -> dict[str, str]:
 
 
 def generate(sim, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The command run in this process (no interpreter start-up per call): its environment, working
+    directory and standard streams are swapped in for the call."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(_env(sim, tmp_path))
+    try:
+        with contextlib.chdir(tmp_path), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(["generate", *args])
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["generate", *args], code, out.getvalue(), err.getvalue())
+
+
+def generate_in_a_subprocess(sim, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flux_mcp", "generate", *args],
         env=_env(sim, tmp_path),
@@ -87,7 +107,9 @@ def _png(path: str, size: tuple[int, int]) -> None:
 
 
 def test_piped_it_prints_plain_status_lines_and_the_saved_paths(standalone_simulator, tmp_path):
-    result = generate(standalone_simulator, tmp_path, "a red fox", "--model", "Qubico/flux1-dev", "--width", "512")
+    result = generate_in_a_subprocess(
+        standalone_simulator, tmp_path, "a red fox", "--model", "Qubico/flux1-dev", "--width", "512"
+    )
     assert result.returncode == 0, result.stderr
     (path,) = result.stdout.splitlines()
     assert Path(path).parent == tmp_path / "images"
