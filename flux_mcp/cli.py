@@ -35,6 +35,11 @@ def _serve(args: argparse.Namespace) -> None:
     if settings.public_url and args.transport != "http":
         logging.getLogger(__name__).warning("FLUX_MCP_PUBLIC_URL applies to --transport http only; polling instead")
     if args.transport == "http":
+        if getattr(args, "workers", 1) > 1:
+            from flux_mcp.workers import serve_workers
+
+            serve_workers(settings, host=args.host, port=args.port, workers=args.workers)
+            return
         from flux_mcp.http_app import serve_http
 
         serve_http(settings, host=args.host, port=args.port)
@@ -153,6 +158,13 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     gen.set_defaults(func=_generate)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _global_options()
     parser = argparse.ArgumentParser(prog="piapi-flux-mcp", description=DESCRIPTION, parents=[common])
@@ -164,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers", type=_positive, default=1, help="HTTP: server processes on the one port (default 1)"
+    )
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="end-to-end demo: every task type against the simulator", parents=[common])

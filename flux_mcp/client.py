@@ -95,6 +95,9 @@ def _retry_after_seconds(response: httpx.Response) -> float | None:
         return None
 
 
+CONNECTIONS_PER_KIND = 20  # open connections for API calls, and as many for downloads
+
+
 class PiAPIClient:
     """`create_task`, `get_task`, `cancel_task` against PiAPI (or the simulator), plus downloads."""
 
@@ -118,9 +121,17 @@ class PiAPIClient:
         self._secrets: set[str] = set()
         self.add_secret(api_key)
         timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
+        # Requests wait for a connection here, in our own first-come-first-served line, never in
+        # httpx's pool: its queue is re-scanned against every connection whenever one frees up,
+        # which cost most of the server's CPU with hundreds of tasks in flight. Every connection
+        # stays alive between requests (no reconnect per poll). API calls and downloads have a
+        # line each, so a burst of downloads never delays a poll.
+        self._api_slots = anyio.CapacityLimiter(CONNECTIONS_PER_KIND)
+        self._download_slots = anyio.CapacityLimiter(CONNECTIONS_PER_KIND)
+        self._slot_wait_seconds = timeout_seconds
         self._http = http or httpx.AsyncClient(
             timeout=timeout,
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+            limits=httpx.Limits(max_connections=CONNECTIONS_PER_KIND, max_keepalive_connections=CONNECTIONS_PER_KIND),
             follow_redirects=False,  # API calls never follow; downloads follow at most 5 hops
             max_redirects=5,
         )
@@ -185,12 +196,28 @@ class PiAPIClient:
     # --- downloads (no API key: these URLs belong to PiAPI's file host) -----------------------
 
     @asynccontextmanager
+    async def _slot(self, slots: anyio.CapacityLimiter, task_id: str | None = None) -> AsyncIterator[None]:
+        try:
+            with anyio.fail_after(self._slot_wait_seconds):
+                await slots.acquire()
+        except TimeoutError:
+            # Nothing was sent: as safe to retry as a refused connection, even for a create.
+            raise errors.NetworkError("no connection to PiAPI came free in time", task_id=task_id) from None
+        try:
+            yield
+        finally:
+            slots.release()
+
+    @asynccontextmanager
     async def stream_download(self, url: str) -> AsyncIterator[Download]:
         """GET an image URL under the download policy (`flux_mcp.download`): addresses checked on
         every hop, at most 5 redirects, and the body cut off when it is too slow or too long."""
         started = anyio.current_time()
         try:
-            async with self._download_http.stream("GET", url, follow_redirects=True) as response:
+            async with (
+                self._slot(self._download_slots),
+                self._download_http.stream("GET", url, follow_redirects=True) as response,
+            ):
                 if response.status_code != 200:
                     raise errors.StorageError(
                         f"downloading {url} failed with HTTP {response.status_code}",
@@ -227,7 +254,8 @@ class PiAPIClient:
         headers = {"X-API-Key": self._api_key, "Accept": "application/json"}
         is_create = method == "POST"
         try:
-            response = await self._http.request(method, self.base_url + path, json=json, headers=headers)
+            async with self._slot(self._api_slots, task_id):
+                response = await self._http.request(method, self.base_url + path, json=json, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing was sent: safe to retry, even the create.
             raise errors.NetworkError(f"could not connect to PiAPI ({type(exc).__name__})", task_id=task_id) from exc

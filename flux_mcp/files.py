@@ -282,7 +282,8 @@ def make_thumbnail(source: Path | bytes, *, max_side: int = 512, max_bytes: int 
     while True:
         for quality in (80, 70, 60, 50, 40):
             buffer = io.BytesIO()
-            image.save(buffer, format=fmt, quality=quality, method=2)  # WebP effort 2 of 6: ~2x faster
+            # WebP's fastest method: 4x less CPU than the default for a few hundred bytes more.
+            image.save(buffer, format=fmt, quality=quality, method=0)
             data = buffer.getvalue()
             if len(data) <= max_bytes:
                 return data, mime

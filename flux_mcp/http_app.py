@@ -185,9 +185,12 @@ class HostCheck:
 # --- the app ------------------------------------------------------------------------------------
 
 
-def build_http_app(settings: Settings, *, host: str = "127.0.0.1", options: ServerOptions | None = None) -> Starlette:
+def build_http_app(
+    settings: Settings, *, host: str = "127.0.0.1", options: ServerOptions | None = None, stateless: bool = False
+) -> Starlette:
     """The ASGI app for `serve --transport http`, with a fresh MCP server inside. Raises
-    `ConfigurationError` before anything listens (missing key, unsafe exposure)."""
+    `ConfigurationError` before anything listens (missing key, unsafe exposure). `stateless`:
+    no 2025-era sessions, every request stands alone (several workers, see `flux_mcp.workers`)."""
     check_exposure(settings, host)
     options = options or ServerOptions()
     if settings.public_url and options.receiver is None:
@@ -202,6 +205,7 @@ def build_http_app(settings: Settings, *, host: str = "127.0.0.1", options: Serv
         host=host,
         max_sessions=settings.max_sessions,
         session_idle_timeout=settings.session_idle_seconds,
+        stateless_http=stateless,
     )
     routes: list[BaseRoute] = [Route(MCP_PATH, endpoint=require_token(sdk_app, settings))]
     for factory in _route_factories():
@@ -245,16 +249,20 @@ def endpoint_url(sock: socket.socket, host: str) -> str:
     return f"http://{shown}:{port}{MCP_PATH}"
 
 
+def announce(settings: Settings, sock: socket.socket, host: str, note: str = "") -> None:
+    """Print the exposure warning, if any, and the endpoint URL on stderr."""
+    if warning := check_exposure(settings, host):
+        print(f"piapi-flux-mcp: {warning}", file=sys.stderr)
+    wildcard = " (all interfaces)" if not is_loopback(host) and host.strip("[]") in ("0.0.0.0", "::") else ""
+    print(f"piapi-flux-mcp: MCP endpoint {endpoint_url(sock, host)}{wildcard}{note}", file=sys.stderr, flush=True)
+    gallery = endpoint_url(sock, host).removesuffix(MCP_PATH) + "/gallery/"
+    print(f"piapi-flux-mcp: history page {gallery}", file=sys.stderr, flush=True)
+
+
 def serve_http(settings: Settings, *, host: str, port: int, **uvicorn_options: Any) -> None:
     """Run `serve --transport http`: check, bind, print the URL (stderr), serve until stopped."""
     app = build_http_app(settings, host=host)
-    warning = check_exposure(settings, host)
     sock = bind_socket(host, port)
-    if warning:
-        print(f"piapi-flux-mcp: {warning}", file=sys.stderr)
-    wildcard = " (all interfaces)" if not is_loopback(host) and host.strip("[]") in ("0.0.0.0", "::") else ""
-    print(f"piapi-flux-mcp: MCP endpoint {endpoint_url(sock, host)}{wildcard}", file=sys.stderr, flush=True)
-    gallery = endpoint_url(sock, host).removesuffix(MCP_PATH) + "/gallery/"
-    print(f"piapi-flux-mcp: history page {gallery}", file=sys.stderr, flush=True)
+    announce(settings, sock, host)
     config = uvicorn.Config(app, log_config=None, log_level=settings.log_level.lower(), **uvicorn_options)
     uvicorn.Server(config).run(sockets=[sock])

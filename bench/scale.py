@@ -1,0 +1,313 @@
+"""Many generations at once over streamable HTTP: does one server carry them without stalling?
+
+Starts, each in its own process, the built-in PiAPI simulator (tasks take `--task-seconds`, 5 s by
+default) and `piapi-flux-mcp serve --transport http` against it (with `--workers N`, that many
+processes on one port), then, from this process, opens 10 client sessions and makes N
+`flux_txt2img` calls at once, spread over the sessions, while an eleventh session calls
+`flux_list_tasks` every 100 ms as a probe. For each N it prints:
+
+- completed: calls that returned a completed task; wall: first call sent -> last call answered;
+- server CPU / task: user+system CPU of the server process(es) during the run, per call;
+- peak RSS: the server's high-water mark (the largest worker's with --workers);
+- probe p50 / p99: latency of the cheap probe call under the load;
+- overhead p50: a call's answer time minus the moment the simulator finished its task;
+- GETs / task: status polls the simulator received per task;
+- simulator CPU: how busy the stand-in was (it keeps up while well under one core).
+
+The client here is a small JSON-RPC-over-HTTP client (initialize once per session, then
+`tools/call` POSTs reading the SSE answer, with a progress token as real clients send), kept lean
+so that the load generator is not what is measured. Everything runs on loopback. Linux only
+(CPU and RSS are read from /proc).
+
+    python bench/scale.py                  # N = 100, 300, 1000
+    python bench/scale.py --quick          # N = 100, 300
+    python bench/scale.py -n 1000 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import anyio
+import httpx
+
+SESSIONS = 10
+PROBE_INTERVAL = 0.1
+HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def process_tree(pid: int) -> list[int]:
+    found = [pid]
+    for child in children(pid):
+        found += process_tree(child)
+    return found
+
+
+def wait_for_http(url: str, patience: float = 30.0) -> None:
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            httpx.get(url)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class Session:
+    """One MCP session over streamable HTTP (2025-11-25 handshake), kept deliberately thin."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str) -> None:
+        self.http, self.url, self.headers, self.next_id = http, url, dict(HEADERS), 0
+
+    async def _post(self, message: dict) -> dict | None:
+        async with self.http.stream("POST", self.url, json=message, headers=self.headers) as response:
+            if "mcp-session-id" in response.headers:
+                self.headers["mcp-session-id"] = response.headers["mcp-session-id"]
+            if response.status_code == 202:
+                return None
+            response.raise_for_status()
+            if response.headers.get("content-type", "").startswith("application/json"):
+                return json.loads(await response.aread())
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    data = json.loads(line[5:])
+                    if data.get("id") == message.get("id"):
+                        return data
+        raise RuntimeError("no answer")
+
+    async def open(self) -> None:
+        await self.request(
+            "initialize",
+            {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "scale-bench", "version": "1"},
+            },
+        )
+        self.headers["mcp-protocol-version"] = "2025-11-25"
+        await self._post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    async def request(self, method: str, params: dict) -> dict:
+        self.next_id += 1
+        answer = await self._post({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params})
+        assert answer is not None
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer["result"]
+
+    async def call(self, name: str, arguments: dict) -> dict:
+        self.next_id += 1
+        params = {"name": name, "arguments": arguments, "_meta": {"progressToken": f"p{self.next_id}"}}
+        answer = await self._post({"jsonrpc": "2.0", "id": self.next_id, "method": "tools/call", "params": params})
+        assert answer is not None
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer["result"]
+
+
+async def run_load(mcp_url: str, n: int, run_id: str, include_image: str) -> dict:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(600.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+        sessions = [Session(http, mcp_url) for _ in range(SESSIONS + 1)]
+        for session in sessions:
+            await session.open()
+        probe, workers = sessions[0], sessions[1:]
+        answers: list[tuple[float, dict]] = []
+        probe_times: list[float] = []
+        done = anyio.Event()
+
+        async def one(k: int) -> None:
+            arguments = {
+                "prompt": f"{run_id} call {k}",
+                "width": 1024,  # PiAPI's default size; the poll planner's priors are per megapixel
+                "height": 1024,
+                "idempotency_key": f"{run_id}-{k}",
+                "include_image": include_image,
+            }
+            result = await workers[k % SESSIONS].call("flux_txt2img", arguments)
+            answers.append((time.time(), result))
+
+        async def probing() -> None:
+            while not done.is_set():
+                started = time.perf_counter()
+                await probe.call("flux_list_tasks", {"limit": 5})
+                probe_times.append(time.perf_counter() - started)
+                with anyio.move_on_after(max(0.0, PROBE_INTERVAL - (time.perf_counter() - started))):
+                    await done.wait()
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(probing)
+            async with anyio.create_task_group() as calls:
+                for k in range(n):
+                    calls.start_soon(one, k)
+            wall = time.perf_counter() - started
+            done.set()
+    overheads = []
+    completed = 0
+    for answered, result in answers:
+        structured = result.get("structuredContent") or {}
+        if structured.get("status") == "completed":
+            completed += 1
+            if structured.get("ended_at"):
+                ended = datetime.fromisoformat(structured["ended_at"].replace("Z", "+00:00")).timestamp()
+                overheads.append(answered - ended)
+    return {"completed": completed, "wall": wall, "probe": probe_times, "overheads": overheads}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bench_one(n: int, args: argparse.Namespace, tmp: Path) -> dict:
+    sim_port, port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "PIAPI_"))}
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "flux_mcp", "simulator", "--port", str(sim_port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = None
+    try:
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        wait_for_http(sim_url + "/_simulator/config")
+        config = {"durations": {"Qubico/flux1-schnell": args.task_seconds}, "pending_seconds": 0.2}
+        httpx.post(sim_url + "/_simulator/config", json=config).raise_for_status()
+        run_dir = tmp / f"n{n}"
+        server_env = {
+            **env,
+            "PIAPI_API_KEY": "sim-key",
+            "PIAPI_BASE_URL": sim_url,
+            "FLUX_MCP_DATA_DIR": str(run_dir / "data"),
+            "FLUX_MCP_OUTPUT_DIR": str(run_dir / "images"),
+            "FLUX_MCP_WAIT_SECONDS": "600",
+        }
+        argv = [sys.executable, "-m", "flux_mcp", "serve", "--transport", "http", "--port", str(port)]
+        if args.workers > 1:
+            argv += ["--workers", str(args.workers)]
+        argv = [*args.server_prefix.split(), *argv]
+        server = subprocess.Popen(argv, env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_http(f"http://127.0.0.1:{port}/mcp")
+        time.sleep(1.0 if args.workers > 1 else 0.0)
+        pids = process_tree(server.pid)
+        cpu_before = sum(cpu_seconds(p) for p in pids)
+        sim_before = cpu_seconds(sim.pid)
+        url = f"http://127.0.0.1:{port}/mcp"
+        client_before = time.process_time()
+        load = anyio.run(run_load, url, n, f"n{n}-{time.time_ns()}", args.include_image)
+        pids = [p for p in process_tree(server.pid) if Path(f"/proc/{p}").exists()]
+        client_cpu = time.process_time() - client_before
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
+        sim_cpu = cpu_seconds(sim.pid) - sim_before
+        rss = max(peak_rss_mb(p) for p in pids)
+        log = httpx.get(sim_url + "/_simulator/log", timeout=60).json()
+        entries = log if isinstance(log, list) else log.get("entries", log.get("log", []))
+        gets = sum(1 for e in entries if e["method"] == "GET" and e["path"].startswith("/api/v1/task/"))
+        creates = sum(1 for e in entries if e["method"] == "POST")
+        return {
+            "n": n,
+            **load,
+            "cpu": cpu,
+            "sim_cpu": sim_cpu,
+            "client_cpu": client_cpu,
+            "rss": rss,
+            "gets_per_task": gets / max(1, creates),
+        }
+    finally:
+        for proc in (server, sim):
+            if proc is not None:
+                proc.send_signal(signal.SIGINT)  # lets a profiler in --server-prefix write its file
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, action="append", help="concurrent calls (repeatable; default 100, 300, 1000)")
+    parser.add_argument("--quick", action="store_true", help="N = 100 and 300 only")
+    parser.add_argument("--workers", type=int, default=1, help="server processes on the one port")
+    parser.add_argument(
+        "--server-prefix",
+        default="",
+        help='wrap the server command, e.g. "py-spy record -o profile.txt --format raw --" (profiling runs only)',
+    )
+    parser.add_argument(
+        "--include-image", choices=["thumbnail", "none"], default="thumbnail", help="what each call asks for"
+    )
+    parser.add_argument("--task-seconds", type=float, default=5.0, help="simulated task duration")
+    args = parser.parse_args()
+    sizes = args.n or ([100, 300] if args.quick else [100, 300, 1000])
+
+    print(
+        f"{'N':>5} {'completed':>9} {'wall':>7} {'CPU/task':>9} {'peak RSS':>9} {'probe p50':>9} {'probe p99':>9} "
+        f"{'overhead p50':>12} {'GETs/task':>9} {'simulator CPU':>13}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            r = bench_one(n, args, Path(tmp))
+            sim_share = r["sim_cpu"] / r["wall"]
+            print(
+                f"{n:>5} {r['completed']:>9} {r['wall']:>6.1f}s {r['cpu'] / n * 1000:>7.1f}ms {r['rss']:>7.0f}MB "
+                f"{percentile(r['probe'], 0.5) * 1000:>7.0f}ms {percentile(r['probe'], 0.99) * 1000:>7.0f}ms "
+                f"{percentile(r['overheads'], 0.5):>11.2f}s {r['gets_per_task']:>9.1f} "
+                f"{sim_share * 100:>6.0f}% core"
+                + ("" if sim_share < 0.7 else "  (simulator near its limit)")
+                + f"   [load generator {r['client_cpu'] / r['wall'] * 100:.0f}% core, "
+                f"server {r['cpu'] / r['wall'] * 100:.0f}% core]",
+                flush=True,
+            )
+    print(
+        f"server: piapi-flux-mcp serve --transport http, {args.workers} worker(s); include_image={args.include_image}; "
+        f"tasks {args.task_seconds:g} s "
+        f"in the simulator (its own process); {SESSIONS} client sessions + 1 probe session; loopback. "
+        "Simulator CPU well under 100% of a core = it kept up."
+    )
+
+
+if __name__ == "__main__":
+    main()
