@@ -41,6 +41,11 @@ from pathlib import Path
 import anyio
 import httpx
 
+from flux_mcp.catalog import Model
+from flux_mcp.simulator import PIAPI_LIKE_PROFILES
+
+SCHNELL = Model.SCHNELL.value
+
 SESSIONS = 10
 PROBE_INTERVAL = 0.1
 HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -82,8 +87,8 @@ def wait_for_http(url: str, patience: float = 30.0) -> None:
     deadline = time.monotonic() + patience
     while True:
         try:
-            httpx.get(url)
-            return
+            with httpx.stream("GET", url):  # headers are enough (GET /mcp may open an event stream)
+                return
         except httpx.TransportError:
             if time.monotonic() > deadline:
                 raise
@@ -213,7 +218,10 @@ def bench_one(n: int, args: argparse.Namespace, tmp: Path) -> dict:
     try:
         sim_url = f"http://127.0.0.1:{sim_port}"
         wait_for_http(sim_url + "/_simulator/config")
-        config = {"durations": {"Qubico/flux1-schnell": args.task_seconds}, "pending_seconds": 0.2}
+        if args.task_seconds:
+            config = {"durations": {"Qubico/flux1-schnell": args.task_seconds}, "pending_seconds": 0.2}
+        else:  # the simulator's PiAPI-like schnell timing (queue ~0.5 s, run ~3.5 s), repeatable
+            config = {"profiles": {"Qubico/flux1-schnell": PIAPI_LIKE_PROFILES[SCHNELL].model_dump()}, "seed": 7}
         httpx.post(sim_url + "/_simulator/config", json=config).raise_for_status()
         run_dir = tmp / f"n{n}"
         server_env = {
@@ -279,7 +287,9 @@ def main() -> None:
     parser.add_argument(
         "--include-image", choices=["thumbnail", "none"], default="thumbnail", help="what each call asks for"
     )
-    parser.add_argument("--task-seconds", type=float, default=5.0, help="simulated task duration")
+    parser.add_argument(
+        "--task-seconds", type=float, default=0.0, help="fixed simulated task duration (default: PiAPI-like, ~4 s)"
+    )
     args = parser.parse_args()
     sizes = args.n or ([100, 300] if args.quick else [100, 300, 1000])
 
@@ -303,8 +313,8 @@ def main() -> None:
             )
     print(
         f"server: piapi-flux-mcp serve --transport http, {args.workers} worker(s); include_image={args.include_image}; "
-        f"tasks {args.task_seconds:g} s "
-        f"in the simulator (its own process); {SESSIONS} client sessions + 1 probe session; loopback. "
+        + (f"tasks {args.task_seconds:g} s" if args.task_seconds else "PiAPI-like schnell timing (~4 s)")
+        + f" in the simulator (its own process); {SESSIONS} client sessions + 1 probe session; loopback. "
         "Simulator CPU well under 100% of a core = it kept up."
     )
 

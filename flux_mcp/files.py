@@ -266,13 +266,15 @@ def make_thumbnail(source: Path | bytes, *, max_side: int = 512, max_bytes: int 
     webp = _webp_available()
     fmt, mime = ("WEBP", "image/webp") if webp else ("JPEG", "image/jpeg")
     try:
-        with _open_header(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
+        with _open_header(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             # Opening reads the header only: refuse a huge canvas before a single pixel is decoded.
-            _check_pixels(opened.size, _name(source))
-            opened.draft("RGB", (max_side, max_side))  # JPEG decodes at a reduced scale
-            image = ImageOps.exif_transpose(opened)
+            _check_pixels(image.size, _name(source))
+            image.draft("RGB", (max_side, max_side))  # JPEG decodes at a reduced scale
+            image.load()  # decoded while the file is open: no conversion below may need it later
+            ImageOps.exif_transpose(image, in_place=True)  # no copy of the full-size image
             has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-            image = image.convert("RGBA" if has_alpha and webp else "RGB")
+            mode = "RGBA" if has_alpha and webp else "RGB"
+            image = image.convert(mode) if image.mode != mode else image
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise errors.StorageError(f"cannot read {_name(source)} as an image: {exc}") from exc
     # reducing_gap=1: an integer box reduction first (1024 -> 512 is a 2x2 average), then Lanczos on
