@@ -45,6 +45,9 @@ from flux_mcp.catalog import Model
 from flux_mcp.simulator import PIAPI_LIKE_PROFILES
 
 SCHNELL = Model.SCHNELL.value
+# 512 px images: the simulator renders each one (40 ms of its CPU at 1024 px, 12 ms at 512 px), and
+# at 1,000 tasks 1024 px renders alone would make it the bottleneck.
+SIDE = 512
 
 SESSIONS = 10
 PROBE_INTERVAL = 0.1
@@ -162,8 +165,8 @@ async def run_load(mcp_url: str, n: int, run_id: str, include_image: str) -> dic
         async def one(k: int) -> None:
             arguments = {
                 "prompt": f"{run_id} call {k}",
-                "width": 1024,  # PiAPI's default size; the poll planner's priors are per megapixel
-                "height": 1024,
+                "width": SIDE,
+                "height": SIDE,
                 "idempotency_key": f"{run_id}-{k}",
                 "include_image": include_image,
             }
@@ -220,8 +223,10 @@ def bench_one(n: int, args: argparse.Namespace, tmp: Path) -> dict:
         wait_for_http(sim_url + "/_simulator/config")
         if args.task_seconds:
             config = {"durations": {"Qubico/flux1-schnell": args.task_seconds}, "pending_seconds": 0.2}
-        else:  # the simulator's PiAPI-like schnell timing (queue ~0.5 s, run ~3.5 s), repeatable
-            config = {"profiles": {"Qubico/flux1-schnell": PIAPI_LIKE_PROFILES[SCHNELL].model_dump()}, "seed": 7}
+        else:  # PiAPI-like schnell timing for SIDE x SIDE (run time scales with pixels), repeatable
+            like = PIAPI_LIKE_PROFILES[SCHNELL]
+            profile = like.model_copy(update={"run_seconds": like.run_seconds * SIDE * SIDE / 1024**2})
+            config = {"profiles": {SCHNELL: profile.model_dump()}, "seed": 7}
         httpx.post(sim_url + "/_simulator/config", json=config).raise_for_status()
         run_dir = tmp / f"n{n}"
         server_env = {
@@ -288,7 +293,10 @@ def main() -> None:
         "--include-image", choices=["thumbnail", "none"], default="thumbnail", help="what each call asks for"
     )
     parser.add_argument(
-        "--task-seconds", type=float, default=0.0, help="fixed simulated task duration (default: PiAPI-like, ~4 s)"
+        "--task-seconds",
+        type=float,
+        default=0.0,
+        help="fixed simulated task duration (default: PiAPI-like for the image size)",
     )
     args = parser.parse_args()
     sizes = args.n or ([100, 300] if args.quick else [100, 300, 1000])
@@ -313,7 +321,8 @@ def main() -> None:
             )
     print(
         f"server: piapi-flux-mcp serve --transport http, {args.workers} worker(s); include_image={args.include_image}; "
-        + (f"tasks {args.task_seconds:g} s" if args.task_seconds else "PiAPI-like schnell timing (~4 s)")
+        + f"{SIDE}x{SIDE} px, "
+        + (f"tasks {args.task_seconds:g} s" if args.task_seconds else "PiAPI-like schnell timing for that size")
         + f" in the simulator (its own process); {SESSIONS} client sessions + 1 probe session; loopback. "
         "Simulator CPU well under 100% of a core = it kept up."
     )
