@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import anyio
@@ -38,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flux_mcp.catalog import TaskRequest
 from flux_mcp.confirmation import SpendApproval, Unasked, refusal, spend_question
 from flux_mcp.errors import FluxError, InvalidInputError, NotFoundError, about_task
+from flux_mcp.files import make_thumbnail
 from flux_mcp.gallery.apps import VIEW_META, VIEW_URI
 from flux_mcp.lifecycle import TaskOutcome, TaskService, summarise_payload
 from flux_mcp.parameters import PARAMETERS, TASK_TOOLS, TaskTool
@@ -545,11 +547,20 @@ def register_resources(mcp: MCPServer) -> None:
             raise ResourceNotFoundError(f"task {task_id} is not in the local ledger")
         return json.dumps(await ledger.describe(entry))
 
-    @mcp.resource("flux://tasks/{task_id}/images/{n}", mime_type="image/png", title="Flux task image")
-    async def task_image(task_id: str, n: str, ctx: Context) -> bytes:
-        """Image n of a task, read from the local copy (outlives PiAPI's temporary URL)."""
+    async def local_copy(ctx: Context, task_id: str, n: str) -> str:
         rows = await _state(ctx).service.ledger.images(task_id)
         row = next((r for r in rows if str(r.n) == n and r.path), None)
         if row is None:
             raise ResourceNotFoundError(f"no local copy of image {n} of task {task_id}")
-        return await anyio.Path(row.path).read_bytes()
+        return row.path
+
+    @mcp.resource("flux://tasks/{task_id}/images/{n}", mime_type="image/png", title="Flux task image")
+    async def task_image(task_id: str, n: str, ctx: Context) -> bytes:
+        """Image n of a task, read from the local copy (outlives PiAPI's temporary URL)."""
+        return await anyio.Path(await local_copy(ctx, task_id, n)).read_bytes()
+
+    @mcp.resource("flux://tasks/{task_id}/thumbnails/{n}", mime_type="image/webp", title="Flux task thumbnail")
+    async def task_thumbnail(task_id: str, n: str, ctx: Context) -> bytes:
+        """A preview of image n (<= 512 px, <= 200 KB), made from the local copy."""
+        data, _ = await anyio.to_thread.run_sync(make_thumbnail, Path(await local_copy(ctx, task_id, n)))
+        return data

@@ -76,11 +76,12 @@ async def new_page(browser):
     return page
 
 
-async def rendered_widths(frame, selector: str) -> list[int]:
-    """naturalWidth of every image matching `selector`, once they have all loaded."""
+async def rendered_widths(frame, selector: str, count: int = 1) -> list[int]:
+    """naturalWidth of every image matching `selector`, once at least `count` are there and loaded."""
     await frame.wait_for_function(
-        "s => { const i = [...document.querySelectorAll(s)]; return i.length && i.every(x => x.complete); }",
-        arg=selector,
+        "([s, n]) => { const all = [...document.querySelectorAll(s)]; "
+        "return all.length >= n && all.every(i => i.complete); }",
+        arg=[selector, count],
     )
     return await frame.eval_on_selector_all(selector, "images => images.map(i => i.naturalWidth)")
 
@@ -98,7 +99,7 @@ async def test_history_page_shows_the_ledger_with_images_filters_and_details(
         cards = page.locator(".card")
         assert await cards.count() == 3
         assert await cards.first.locator(".prompt").inner_text() == GALLERY_PROMPTS["running"]  # newest first
-        assert all(w > 0 for w in await rendered_widths(page, ".card img"))
+        assert all(w > 0 for w in await rendered_widths(page, ".card img"))  # the one finished task's cover
         await page.screenshot(path=artifact_dir / "history.png", full_page=True)
 
         await page.fill("input[name=q]", "lighthouse")
@@ -114,13 +115,14 @@ async def test_history_page_shows_the_ledger_with_images_filters_and_details(
         await page.click(f".card[data-task-id='{seeded_ledger['batch']['task_id']}']")
         await page.wait_for_selector(".detail .images figure")
         assert await page.locator(".detail .images figure").count() == 4
-        widths = await rendered_widths(page, ".detail .images img")
+        widths = await rendered_widths(page, ".detail .images img", 4)
         assert len(widths) == 4 and all(w > 0 for w in widths)
         assert GALLERY_PROMPTS["batch"] in await page.locator(".detail .quote").inner_text()
         assert "batch_size" in await page.locator(".detail table").first.inner_text()
         await page.screenshot(path=artifact_dir / "history-batch-of-4.png", full_page=True)
+        assert all(w <= 512 for w in widths)  # thumbnails; full size on click
         await page.click(".detail .images .thumb")
-        assert (await rendered_widths(page, ".lightbox img"))[0] > 0
+        assert (await rendered_widths(page, ".lightbox img"))[0] == 1024
         await page.click(".lightbox")
 
         await page.click("[data-action=back]")
@@ -243,15 +245,16 @@ async def test_the_app_view_in_a_host_shows_results_and_calls_the_right_tools(br
         await host.show(batch_args, batch)
         view = host.view()
         await view.wait_for_selector(".detail .images figure")
-        widths = await rendered_widths(view, ".detail .images img")
+        widths = await rendered_widths(view, ".detail .images img", 4)
         assert len(widths) == 4 and all(w > 0 for w in widths)
         assert GALLERY_PROMPTS["batch"] in await view.locator(".detail .quote").inner_text()
         reads = [c["params"]["uri"] for c in await host.calls("resources/read")]
         assert f"flux://tasks/{task_id}" in reads
-        assert {f"flux://tasks/{task_id}/images/{n}" for n in range(4)} <= set(reads)
+        assert {f"flux://tasks/{task_id}/thumbnails/{n}" for n in range(4)} <= set(reads)
         await page.screenshot(path=artifact_dir / "app-batch-of-4.png", full_page=True)
-        await view.click(".detail .images .thumb")
-        assert (await rendered_widths(view, ".lightbox img"))[0] > 0
+        await view.click(".detail .images .thumb")  # full size: the image itself, through its resource
+        assert (await rendered_widths(view, ".lightbox img"))[0] == 1024
+        assert f"flux://tasks/{task_id}/images/0" in [c["params"]["uri"] for c in await host.calls("resources/read")]
         await view.click(".lightbox")
         await view.click("[data-action=copy-path]")
         assert batch.structured_content["images"][0]["path"] in await view.locator(".toast").inner_text()

@@ -86,3 +86,18 @@ async def test_rerun_goes_through_the_spend_guard(sim, settings, fast_options):
         again = await client.call_tool("flux_rerun", {"task_id": first.structured_content["task_id"]})
         assert again.is_error and again.structured_content["error"]["category"] == "confirmation_required"
     assert len(posts(sim)) == 1
+
+
+async def test_thumbnails_are_small_previews_of_the_local_copies(client):
+    import base64
+    import io
+
+    from PIL import Image
+
+    done = await client.call_tool("flux_txt2img", {"prompt": "big", "width": 1024, "height": 768})
+    task_id = done.structured_content["task_id"]
+    full = (await client.read_resource(f"flux://tasks/{task_id}/images/0")).contents[0]
+    thumb = (await client.read_resource(f"flux://tasks/{task_id}/thumbnails/0")).contents[0]
+    assert Image.open(io.BytesIO(base64.b64decode(full.blob))).size == (1024, 768)
+    preview = base64.b64decode(thumb.blob)
+    assert Image.open(io.BytesIO(preview)).size == (512, 384) and len(preview) <= 200_000

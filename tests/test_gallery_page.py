@@ -3,6 +3,7 @@ ledger, images from the local copies only, loopback names only, and the HTTP tra
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import httpx
 import pytest
 from conftest import GALLERY_PROMPTS
+from PIL import Image
 from pydantic import SecretStr
 
 from flux_mcp.gallery import view_html
@@ -62,7 +64,13 @@ async def test_a_task_opens_with_its_request_history_and_local_images(settings, 
         image = await client.get(f"/images/{listed['local_id']}/3")
         assert image.status_code == 200 and image.headers["content-type"] == "image/png"
         assert image.content[:8] == b"\x89PNG\r\n\x1a\n"
+        thumbnail = await client.get(f"/thumbnails/{listed['local_id']}/3")
+        assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] in ("image/webp", "image/jpeg")
+        assert (
+            max(Image.open(io.BytesIO(thumbnail.content)).size) <= 512 < max(Image.open(io.BytesIO(image.content)).size)
+        )
         assert (await client.get(f"/images/{listed['local_id']}/4")).status_code == 404
+        assert (await client.get(f"/thumbnails/{listed['local_id']}/4")).status_code == 404
         assert (await client.get("/images/not-a-task/0")).status_code == 404
         assert (await client.get("/api/tasks/not-a-task")).status_code == 404
 

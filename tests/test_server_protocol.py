@@ -321,7 +321,11 @@ async def test_resources_outlive_piapi_urls(client, sim):
     result = await client.call_tool("flux_txt2img", {"prompt": "keep me"})
     task_id = result.structured_content["task_id"]
     templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
-    assert templates == {"flux://tasks/{task_id}", "flux://tasks/{task_id}/images/{n}"}
+    assert templates == {
+        "flux://tasks/{task_id}",
+        "flux://tasks/{task_id}/images/{n}",
+        "flux://tasks/{task_id}/thumbnails/{n}",
+    }
     sim.state.expire_files()
     image = await client.read_resource(f"flux://tasks/{task_id}/images/0")
     blob = base64.b64decode(image.contents[0].blob)

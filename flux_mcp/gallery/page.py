@@ -3,7 +3,8 @@
 Routes (relative to wherever the app is mounted): `/` the page, `/api/tasks` the ledger newest
 first with filters (status, task_type, model, since/until as POSIX times, q = a substring of the
 prompt) and paging, `/api/tasks/{local_id}` one task with its history, `/images/{local_id}/{n}`
-an image from its local copy (only files the ledger recorded for that task). Everything is read
+an image from its local copy (only files the ledger recorded for that task) and
+`/thumbnails/{local_id}/{n}` a preview of it (<= 512 px). Everything is read
 only. The page is meant for loopback: a Host check refuses other names (DNS rebinding), and on the
 HTTP transport (`routes`, mounted at `/gallery` by `flux_mcp.http_app`) it sits behind the same
 token as `/mcp`: a browser cannot send a bearer header when it opens a page, so it may also open
@@ -30,7 +31,8 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainT
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from flux_mcp.files import mime_of
+from flux_mcp.errors import FluxError
+from flux_mcp.files import make_thumbnail, mime_of
 from flux_mcp.gallery import view_html
 from flux_mcp.ledger import TaskLedger
 from flux_mcp.settings import Settings
@@ -47,6 +49,10 @@ _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+
+
+def _no_image() -> Response:
+    return Response("no readable local copy of that image", status_code=404, media_type="text/plain")
 
 
 def _number(value: str | None, *, integer: bool = False) -> float | None:
@@ -92,13 +98,26 @@ def gallery_routes(ledger: TaskLedger, settings: Settings) -> list[Route]:
             return JSONResponse({"error": "no such task in the ledger"}, status_code=404)
         return JSONResponse(await ledger.describe(entry), headers=_SECURITY_HEADERS)
 
-    async def image(request: Request) -> Response:
+    async def local_copy(request: Request) -> Path | None:
+        """The file the ledger recorded for this task's image n, if it is still there."""
         entry = await ledger.get_local(request.path_params["local_id"])
         n = request.path_params["n"]
         row = next((r for r in entry.images if r.n == n and r.path), None) if entry is not None else None
-        if row is None or not await anyio.Path(row.path).is_file():
-            return Response("no local copy of that image", status_code=404, media_type="text/plain")
-        return FileResponse(Path(row.path), media_type=mime_of(row.path), headers=_SECURITY_HEADERS)
+        return Path(row.path) if row is not None and row.path and await anyio.Path(row.path).is_file() else None
+
+    async def image(request: Request) -> Response:
+        if (path := await local_copy(request)) is None:
+            return _no_image()
+        return FileResponse(path, media_type=mime_of(str(path)), headers=_SECURITY_HEADERS)
+
+    async def thumbnail(request: Request) -> Response:
+        if (path := await local_copy(request)) is None:
+            return _no_image()
+        try:
+            data, mime = await anyio.to_thread.run_sync(make_thumbnail, path)
+        except FluxError:
+            return _no_image()
+        return Response(data, media_type=mime, headers={**_SECURITY_HEADERS, "Cache-Control": "max-age=3600"})
 
     async def no_icon(request: Request) -> Response:
         return Response(status_code=204)
@@ -109,6 +128,7 @@ def gallery_routes(ledger: TaskLedger, settings: Settings) -> list[Route]:
         Route("/api/tasks", tasks),
         Route("/api/tasks/{local_id:str}", task),
         Route("/images/{local_id:str}/{n:int}", image),
+        Route("/thumbnails/{local_id:str}/{n:int}", thumbnail),
     ]
 
 
