@@ -219,6 +219,25 @@ def test_serve_http_on_all_interfaces_without_a_token_refuses_to_start(tmp_path)
     assert "refusing to serve HTTP on 0.0.0.0 without FLUX_MCP_AUTH_TOKEN" in lines[0]
 
 
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    taken = bind_socket("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "flux_mcp", "serve", "--transport", "http", "--port", str(port), "--simulate"],
+            env=cli_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"piapi-flux-mcp: cannot listen on 127.0.0.1 port {port}: ")
+
+
 @pytest.mark.slow
 def test_serve_http_prints_its_url_and_enforces_the_token(tmp_path):
     proc = subprocess.Popen(
