@@ -75,7 +75,7 @@ PARAMETERS: dict[str, ToolParameter] = {
         _p(
             "wait_seconds",
             Annotated[float, Field(ge=0, le=600)] | None,
-            "Max seconds to wait (default 45).",
+            "Max seconds to wait.",
             None,
         ),
         _p("dry_run", bool, "Only validate and price it; send nothing.", False),

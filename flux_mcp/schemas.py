@@ -108,3 +108,19 @@ def compact_output(schema: dict[str, Any], *, unlisted: frozenset[str] = frozens
     top["properties"] = {k: v for k, v in top.get("properties", {}).items() if k not in unlisted}
     top["required"] = [k for k in top.get("required", []) if k not in unlisted]
     return _output_node(top, defs, top=True)
+
+
+#: Input properties whose default is a setting (property name -> `Settings` field): their
+#: descriptions state the value this server was configured with, not a number written in code.
+CONFIGURED_DEFAULTS = {"wait_seconds": "wait_seconds"}
+
+
+def show_configured_defaults(schema: dict[str, Any], settings: Any) -> dict[str, Any]:
+    """Append "Default <configured value>." to each such property's description in `schema`."""
+    for name, field in CONFIGURED_DEFAULTS.items():
+        prop = (schema.get("properties") or {}).get(name)
+        if isinstance(prop, dict):
+            value = getattr(settings, field)
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            prop["description"] = f"{prop.get('description', '').rstrip()} Default {shown}.".lstrip()
+    return schema

@@ -27,7 +27,7 @@ from mcp.types import Tool as MCPTool
 from flux_mcp import __version__
 from flux_mcp.gallery.apps import gallery_apps
 from flux_mcp.runtime import backend, build_service, close_service
-from flux_mcp.schemas import compact_output, strip_titles
+from flux_mcp.schemas import compact_output, show_configured_defaults, strip_titles
 from flux_mcp.settings import Settings
 from flux_mcp.startup import check_folders
 from flux_mcp.tasks import TasksExtension
@@ -163,6 +163,8 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
     apps = gallery_apps()
     register_app_tools(apps)
     tools = all_tools()
+    for tool in tools:  # descriptions state the defaults this server was configured with
+        show_configured_defaults(tool.input_schema, settings)
     mcp = FluxServer(
         "piapi-flux-mcp",
         title="Flux image generation (PiAPI)",

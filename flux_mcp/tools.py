@@ -368,7 +368,7 @@ class TaskIdArguments(_Arguments):
 
 
 class WaitArguments(TaskIdArguments):
-    wait_seconds: Annotated[float | None, Field(ge=0, le=600), _optional("Seconds to wait (default 45).")] = None
+    wait_seconds: Annotated[float | None, Field(ge=0, le=600), _optional("Seconds to wait.")] = None
 
 
 class ListArguments(_Arguments):
