@@ -88,10 +88,12 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     """Size cap per local input image."""
     request_timeout_seconds: float = Field(default=30.0, gt=0)
-    poll_budget: int = Field(default=DEFAULT_POLL_BUDGET, ge=1, le=100)
-    public_url: str | None = None
-    webhook_secret: SecretStr | None = None
     """Per-request HTTP timeout to PiAPI."""
+    poll_budget: int = Field(default=DEFAULT_POLL_BUDGET, ge=1, le=100)
+    """Most status GETs spent on one task while waiting (the learned schedule places them)."""
+    public_url: str | None = None
+    """HTTP only: the base URL PiAPI can reach this server at; tasks then report back to
+    <public_url>/webhooks/piapi and polling becomes a sparse safety net."""
     daily_budget_usd: float | None = Field(default=None, ge=0)
     """Most USD the task tools may spend per UTC day, across processes sharing the ledger; unset = no limit."""
     confirm_above_usd: float | None = Field(default=None, ge=0)
@@ -115,6 +117,9 @@ class Settings(BaseSettings):
     """PiAPI's config.service_mode for every task: public or private."""
     webhook_endpoint: str | None = None
     """PiAPI's config.webhook_config.endpoint for every task (http(s)://...), sent with webhook_secret."""
+    webhook_secret: SecretStr | None = None
+    """The webhook secret PiAPI sends in x-webhook-secret (for webhook_endpoint, or our own receiver,
+    which otherwise makes one and keeps it beside the ledger). Never printed."""
 
     @field_validator("image_roots", mode="before")
     @classmethod
