@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from flux_mcp.lifecycle import TaskService
     from flux_mcp.polling import PollPolicy
+    from flux_mcp.push import TaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,13 @@ def build_service(
     policy: PollPolicy | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
     webhook: dict[str, str] | None = None,
+    events: TaskEvents | None = None,
     background: TaskGroup | None = None,
 ) -> TaskService:
     """The core behind the tools: PiAPI client, ledger (opened on its first operation), image store.
-    `policy` fixes the poll intervals (default: the learned schedule); `webhook` is our own receiver;
-    `background` runs downloads that outlive their call (without it, a call waits for its downloads)."""
+    `policy` fixes the poll intervals (default: the learned schedule); `webhook` is our own receiver
+    and `events` where its pushes arrive; `background` runs downloads that outlive their call
+    (without it, a call waits for its downloads)."""
     from flux_mcp.client import PiAPIClient
     from flux_mcp.files import ImageStore, InputResolver
     from flux_mcp.ledger import TaskLedger
@@ -79,6 +82,7 @@ def build_service(
         resolver=resolver,
         policy=policy,
         webhook=webhook,
+        events=events,
         background=background,
         **({"sleep": sleep} if sleep else {}),
     )

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import httpx
 
     from flux_mcp.polling import PollPolicy
+    from flux_mcp.relay import Relay
     from flux_mcp.webhooks import WebhookReceiver
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,13 @@ INSTRUCTIONS = (
 @dataclass
 class ServerOptions:
     """Test seams: an HTTP client (e.g. over `httpx.MockTransport`), fixed poll intervals instead of
-    the learned schedule, and the polling clock; and the HTTP app's webhook receiver, if any."""
+    the learned schedule, and the polling clock; and the HTTP app's webhook receiver, if any, with
+    the relay that carries its news to the other worker processes (`--workers`)."""
 
     http: httpx.AsyncClient | None = None
     policy: PollPolicy | None = None
     receiver: WebhookReceiver | None = None
+    relay: Relay | None = None
     sleep: Callable[[float], Awaitable[None]] | None = None
 
 
@@ -73,6 +76,12 @@ def _lifespan(settings: Settings, options: ServerOptions) -> Callable[[MCPServer
             background = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(background.cancel_scope.cancel)  # runs first on the way out
             webhook = options.receiver.config if options.receiver is not None else None
+            events = None
+            if options.relay is not None:  # pushes reach the calls waiting in the other workers too
+                from flux_mcp.push import TaskEvents
+
+                events = TaskEvents()
+                await stack.enter_async_context(options.relay.running(events))
             state = AppState(
                 settings,
                 lambda: build_service(
@@ -83,6 +92,7 @@ def _lifespan(settings: Settings, options: ServerOptions) -> Callable[[MCPServer
                     policy=options.policy,
                     sleep=options.sleep,
                     webhook=webhook,
+                    events=events,
                     background=background,
                 ),
             )

@@ -7,7 +7,9 @@ evenly over them; one shared socket would hand most to whichever worker woke fir
 the URL once all of them listen. Each worker is a whole server (its own PiAPI client, image store and event loop) over
 the one shared ledger, which is what makes them one service: idempotent repeats re-attach, a
 cancel or `flux_wait_task` works on a task another worker submitted, downloads are leased, the
-spend guard and FLUX_MCP_MAX_CONCURRENT_TASKS hold across all of them.
+spend guard and FLUX_MCP_MAX_CONCURRENT_TASKS hold across all of them. With FLUX_MCP_PUBLIC_URL,
+PiAPI's webhook for a task reaches any one worker; `flux_mcp.relay` carries it to the others, so
+the call waiting for it wakes at once wherever it runs.
 
 A 2025-era MCP session lives in the memory of the process that opened it, and the next request
 of that session may reach another worker, so with more than one worker the endpoint is
@@ -90,9 +92,15 @@ def _worker(settings: Settings, host: str, port: int, ready: Any) -> None:
 
     from flux_mcp.cli import _configure_logging
     from flux_mcp.http_app import build_http_app
+    from flux_mcp.server import ServerOptions
 
     _configure_logging(settings.log_level)
-    app = build_http_app(settings, host=host, stateless=True)
+    options = ServerOptions()
+    if settings.public_url:  # a webhook reaching this worker wakes the call waiting in another
+        from flux_mcp.relay import Relay
+
+        options.relay = Relay.beside(settings.state_dir)
+    app = build_http_app(settings, host=host, options=options, stateless=True)
     sock = _reuseport_socket(host, port)
     sock.listen(2048)  # connections queue here from now on, while uvicorn starts
     ready.set()
