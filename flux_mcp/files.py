@@ -117,6 +117,30 @@ def sweep_partial_files(directory: Path, *, now: float | None = None) -> list[Pa
     return removed
 
 
+# A download is written in steps of this many bytes (one worker-thread step each); a typical
+# image is smaller and is written, synced and renamed into place in a single step.
+WRITE_BATCH_BYTES = 1 << 20
+
+
+class _PartFile:
+    """The temp file an image is written to, created on the first write; removed unless renamed."""
+
+    def __init__(self, stem: str) -> None:
+        self.stem = stem
+        self.file: IO[bytes] | None = None
+        self.path: Path | None = None
+        self.sidecar: Path | None = None
+
+    def _remove(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        _cleanup(*(p for p in (self.path, self.sidecar) if p is not None))
+
+    async def discard(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._remove)
+
+
 class ImageStore:
     """Saves downloaded task images as `<task_id>_<n>.<ext>` plus a `<task_id>_<n>.json` sidecar.
 
@@ -127,10 +151,17 @@ class ImageStore:
         self.output_dir = Path(output_dir)
         self.max_bytes = max_bytes
 
-    def _open_temp(self, stem: str) -> tuple[IO[bytes], Path]:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.output_dir, prefix=f".{stem}.{os.getpid()}.", suffix=".part")
-        return os.fdopen(fd, "wb"), Path(name)
+    def _write(self, part: _PartFile, chunks: list[bytes]) -> None:
+        """Append `chunks` to the temp file, creating it first if needed. Blocking."""
+        if part.file is None:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(dir=self.output_dir, prefix=f".{part.stem}.{os.getpid()}.", suffix=".part")
+            except OSError as exc:
+                raise errors.StorageError(f"cannot write to {self.output_dir}: {exc}") from exc
+            part.path = Path(name)
+            part.file = os.fdopen(fd, "wb")
+        part.file.writelines(chunks)
 
     async def save(
         self, client: PiAPIClient, *, task_id: str, n: int, url: str, sidecar: dict[str, Any]
@@ -139,17 +170,18 @@ class ImageStore:
         if n < 0:
             raise errors.StorageError(f"image index {n} must not be negative", task_id=task_id)
         stem = f"{task_id}_{n}"
-        try:
-            out, temp = await anyio.to_thread.run_sync(self._open_temp, stem)
-        except OSError as exc:
-            raise errors.StorageError(f"cannot write to {self.output_dir}: {exc}", task_id=task_id) from exc
-        sidecar_temp: Path | None = None
+        part = _PartFile(stem)
+        # The body is held in memory up to WRITE_BATCH_BYTES and written in one worker-thread step
+        # per batch: a typical image costs one step in all (write, fsync, sidecar, renames), not a
+        # thread hop per chunk. Memory per download stays bounded by the batch size.
+        pending: list[bytes] = []
+        buffered = 0
         try:
             digest = hashlib.sha256()
             size = 0
             head = b""
             detected: str | None = None
-            async with anyio.wrap_file(out) as writer, client.stream_download(url) as response:
+            async with client.stream_download(url) as response:
                 _check_headers(url, response, self.max_bytes)
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
@@ -160,9 +192,11 @@ class ImageStore:
                         if len(head) >= _SNIFF_BYTES:
                             detected = self._check_magic(url, head)
                     digest.update(chunk)
-                    await writer.write(chunk)
-                await writer.flush()
-                await anyio.to_thread.run_sync(os.fsync, out.fileno())
+                    pending.append(chunk)
+                    buffered += len(chunk)
+                    if buffered >= WRITE_BATCH_BYTES:
+                        batch, pending, buffered = pending, [], 0
+                        await anyio.to_thread.run_sync(self._write, part, batch)
             if detected is None:
                 detected = self._check_magic(url, head)
             final = self.output_dir / f"{stem}.{_EXTENSIONS[detected]}"
@@ -178,20 +212,25 @@ class ImageStore:
                 "content_type": detected,
                 "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
-            sidecar_temp = temp.with_suffix(".json.part")
 
             def commit() -> None:
+                self._write(part, pending)
+                assert part.file is not None and part.path is not None
+                part.file.flush()
+                os.fsync(part.file.fileno())
+                part.file.close()
                 # Sidecar first: the step most likely to fail (disk full) happens before any rename.
-                sidecar_temp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-                os.replace(temp, final)
-                os.replace(sidecar_temp, sidecar_path)
+                part.sidecar = part.path.with_suffix(".json.part")
+                part.sidecar.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+                os.replace(part.path, final)
+                os.replace(part.sidecar, sidecar_path)
 
             await anyio.to_thread.run_sync(commit)
         except OSError as exc:
-            await self._discard(temp, sidecar_temp)
+            await part.discard()
             raise errors.StorageError(f"saving {url} failed: {exc}", task_id=task_id) from exc
         except BaseException as exc:
-            await self._discard(temp, sidecar_temp)
+            await part.discard()
             if isinstance(exc, errors.FluxError) and exc.task_id is None:
                 exc.task_id = task_id
             raise
@@ -204,12 +243,6 @@ class ImageStore:
         if detected is None:
             raise errors.StorageError(f"{url} did not return a PNG, JPEG or WebP image")
         return detected
-
-    @staticmethod
-    async def _discard(*paths: Path | None) -> None:
-        existing = [p for p in paths if p is not None]
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(lambda: _cleanup(*existing))
 
 
 def _webp_available() -> bool:
@@ -256,7 +289,8 @@ async def fetch_image(client: PiAPIClient, url: str, *, max_bytes: int) -> bytes
 
 def make_thumbnail(source: Path | bytes, *, max_side: int = 512, max_bytes: int = 200_000) -> tuple[bytes, str]:
     """A small preview of an image file or its bytes: longest side <= `max_side` (never upscaled),
-    at most `max_bytes`.
+    at most `max_bytes`. An image already within both limits (PNG, JPEG or WebP, no EXIF) is
+    returned as it is, without decoding it.
 
     WebP with quality stepping down 80 -> 40, then smaller dimensions until it fits; JPEG when
     this Pillow has no WebP. Blocking: call it from a worker thread.
@@ -269,6 +303,9 @@ def make_thumbnail(source: Path | bytes, *, max_side: int = 512, max_bytes: int 
         with _open_header(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             # Opening reads the header only: refuse a huge canvas before a single pixel is decoded.
             _check_pixels(image.size, _name(source))
+            original = _fits_as_is(source, image, max_side=max_side, max_bytes=max_bytes)
+            if original is not None:
+                return original
             image.draft("RGB", (max_side, max_side))  # JPEG decodes at a reduced scale
             image.load()  # decoded while the file is open: no conversion below may need it later
             ImageOps.exif_transpose(image, in_place=True)  # no copy of the full-size image
@@ -294,6 +331,18 @@ def make_thumbnail(source: Path | bytes, *, max_side: int = 512, max_bytes: int 
             log.warning("thumbnail of %s is %d bytes even at %dx%d", _name(source), len(data), width, height)
             return data, mime
         image = image.resize((max(1, int(width * 0.75)), max(1, int(height * 0.75))), Image.Resampling.LANCZOS)
+
+
+def _fits_as_is(source: Path | bytes, image: Any, *, max_side: int, max_bytes: int) -> tuple[bytes, str] | None:
+    """The image itself, when it already is a preview: small enough in pixels and bytes, in a
+    format every host shows, with no EXIF (so no orientation to apply). Nothing is decoded."""
+    mime = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}.get(image.format or "")
+    if mime is None or max(image.size) > max_side or "exif" in image.info:
+        return None
+    data = source if isinstance(source, bytes) else source.read_bytes()
+    if len(data) > max_bytes or sniff_image_type(data[:_SNIFF_BYTES]) != mime:
+        return None
+    return data, mime
 
 
 def _name(source: Path | bytes) -> str:

@@ -182,6 +182,33 @@ def test_thumbnail_never_upscales_and_keeps_alpha(tmp_path: Path) -> None:
         assert thumb.mode == "RGBA"
 
 
+def test_an_image_that_already_fits_is_its_own_thumbnail(tmp_path: Path) -> None:
+    """No decode and no re-encode: the bytes come back as they are, with their own type."""
+    path = tmp_path / "small.png"
+    Image.new("RGB", (512, 384), "teal").save(path)
+    assert make_thumbnail(path) == (path.read_bytes(), "image/png")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (300, 200), "navy").save(jpeg, format="JPEG")
+    assert make_thumbnail(jpeg.getvalue()) == (jpeg.getvalue(), "image/jpeg")
+
+
+def test_an_image_over_either_limit_or_with_exif_is_re_encoded(tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    Image.new("RGB", (513, 100), "teal").save(big)
+    noisy = tmp_path / "noisy.png"
+    Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3)).save(noisy, compress_level=0)
+    for path in (big, noisy):
+        assert make_thumbnail(path, max_bytes=100_000)[1] != "image/png"
+    # EXIF orientation 6 (rotate 90): the preview must come out upright, so it is decoded.
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (200, 100), "red").save(rotated, format="JPEG", exif=exif)
+    data, _ = make_thumbnail(rotated.getvalue())
+    with Image.open(io.BytesIO(data)) as thumb:
+        assert thumb.size == (100, 200)
+
+
 def test_thumbnail_falls_back_to_jpeg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(files, "_webp_available", lambda: False)
     path = tmp_path / "p.png"
