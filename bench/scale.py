@@ -39,7 +39,7 @@ from datetime import datetime
 from pathlib import Path
 
 import anyio
-import httpx
+import httpx2
 
 from flux_mcp.catalog import Model
 from flux_mcp.simulator import PIAPI_LIKE_PROFILES
@@ -90,9 +90,9 @@ def wait_for_http(url: str, patience: float = 30.0) -> None:
     deadline = time.monotonic() + patience
     while True:
         try:
-            with httpx.stream("GET", url):  # headers are enough (GET /mcp may open an event stream)
+            with httpx2.stream("GET", url):  # headers are enough (GET /mcp may open an event stream)
                 return
-        except httpx.TransportError:
+        except httpx2.TransportError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
@@ -101,7 +101,7 @@ def wait_for_http(url: str, patience: float = 30.0) -> None:
 class Session:
     """One MCP session over streamable HTTP (2025-11-25 handshake), kept deliberately thin."""
 
-    def __init__(self, http: httpx.AsyncClient, url: str) -> None:
+    def __init__(self, http: httpx2.AsyncClient, url: str) -> None:
         self.http, self.url, self.headers, self.next_id = http, url, dict(HEADERS), 0
 
     async def _post(self, message: dict) -> dict | None:
@@ -151,9 +151,9 @@ class Session:
 
 
 async def run_load(mcp_url: str, n: int, run_id: str, include_image: str) -> dict:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(600.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx2.Timeout(600.0)
+    async with httpx2.AsyncClient(limits=limits, timeout=timeout) as http:
         sessions = [Session(http, mcp_url) for _ in range(SESSIONS + 1)]
         for session in sessions:
             await session.open()
@@ -227,7 +227,7 @@ def bench_one(n: int, args: argparse.Namespace, tmp: Path) -> dict:
             like = PIAPI_LIKE_PROFILES[SCHNELL]
             profile = like.model_copy(update={"run_seconds": like.run_seconds * SIDE * SIDE / 1024**2})
             config = {"profiles": {SCHNELL: profile.model_dump()}, "seed": 7}
-        httpx.post(sim_url + "/_simulator/config", json=config).raise_for_status()
+        httpx2.post(sim_url + "/_simulator/config", json=config).raise_for_status()
         run_dir = tmp / f"n{n}"
         server_env = {
             **env,
@@ -255,7 +255,7 @@ def bench_one(n: int, args: argparse.Namespace, tmp: Path) -> dict:
         cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
         sim_cpu = cpu_seconds(sim.pid) - sim_before
         rss = max(peak_rss_mb(p) for p in pids)
-        log = httpx.get(sim_url + "/_simulator/log", timeout=60).json()
+        log = httpx2.get(sim_url + "/_simulator/log", timeout=60).json()
         entries = log if isinstance(log, list) else log.get("entries", log.get("log", []))
         gets = sum(1 for e in entries if e["method"] == "GET" and e["path"].startswith("/api/v1/task/"))
         creates = sum(1 for e in entries if e["method"] == "POST")

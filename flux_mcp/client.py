@@ -26,7 +26,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 
 from flux_mcp import errors
 from flux_mcp.download import AddressPolicy, DownloadLimits, download_client, limited_body
@@ -62,13 +62,13 @@ class RetryPolicy:
 class Download:
     """A download in progress: its headers, and its body under the policy's time and rate limits."""
 
-    response: httpx.Response
+    response: httpx2.Response
     url: str
     limits: DownloadLimits
     started: float
 
     @property
-    def headers(self) -> httpx.Headers:
+    def headers(self) -> httpx2.Headers:
         return self.response.headers
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
@@ -81,7 +81,7 @@ class CancelOutcome:
     message: str
 
 
-def _retry_after_seconds(response: httpx.Response) -> float | None:
+def _retry_after_seconds(response: httpx2.Response) -> float | None:
     value = response.headers.get("retry-after")
     if not value:
         return None
@@ -106,12 +106,12 @@ class PiAPIClient:
         base_url: str,
         api_key: str,
         *,
-        http: httpx.AsyncClient | None = None,
+        http: httpx2.AsyncClient | None = None,
         timeout_seconds: float = 30.0,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         rand: Callable[[], float] = random.random,
-        download_http: httpx.AsyncClient | None = None,
+        download_http: httpx2.AsyncClient | None = None,
         download_limits: DownloadLimits | None = None,
     ) -> None:
         """`http` serves API calls (and, when given without `download_http`, downloads too: a test
@@ -120,18 +120,18 @@ class PiAPIClient:
         self._api_key = api_key
         self._secrets: set[str] = set()
         self.add_secret(api_key)
-        timeout = httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
+        timeout = httpx2.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
         # Requests wait for a connection here, in our own first-come-first-served line, never in
-        # httpx's pool: its queue is re-scanned against every connection whenever one frees up,
+        # the HTTP library's pool: its queue is re-scanned against every connection whenever one frees up,
         # which cost most of the server's CPU with hundreds of tasks in flight. Every connection
         # stays alive between requests (no reconnect per poll). API calls and downloads have a
         # line each, so a burst of downloads never delays a poll.
         self._api_slots = anyio.CapacityLimiter(CONNECTIONS_PER_KIND)
         self._download_slots = anyio.CapacityLimiter(CONNECTIONS_PER_KIND)
         self._slot_wait_seconds = timeout_seconds
-        self._http = http or httpx.AsyncClient(
+        self._http = http or httpx2.AsyncClient(
             timeout=timeout,
-            limits=httpx.Limits(max_connections=CONNECTIONS_PER_KIND, max_keepalive_connections=CONNECTIONS_PER_KIND),
+            limits=httpx2.Limits(max_connections=CONNECTIONS_PER_KIND, max_keepalive_connections=CONNECTIONS_PER_KIND),
             follow_redirects=False,  # API calls never follow; downloads follow at most 5 hops
             max_redirects=5,
         )
@@ -224,9 +224,9 @@ class PiAPIClient:
                         retryable=response.status_code >= 500,
                     )
                 yield Download(response, url, self.download_limits, started)
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise errors.RequestTimeoutError(f"downloading {url} timed out") from exc
-        except httpx.HTTPError as exc:  # transport failures, redirect loops, undecodable bodies
+        except httpx2.HTTPError as exc:  # transport failures, redirect loops, undecodable bodies
             raise errors.NetworkError(f"downloading {url} failed: {type(exc).__name__}") from exc
 
     # --- internals -------------------------------------------------------------------------
@@ -256,16 +256,16 @@ class PiAPIClient:
         try:
             async with self._slot(self._api_slots, task_id):
                 response = await self._http.request(method, self.base_url + path, json=json, headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
             # Nothing was sent: safe to retry, even the create.
             raise errors.NetworkError(f"could not connect to PiAPI ({type(exc).__name__})", task_id=task_id) from exc
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             if is_create:
                 raise errors.SubmitUncertainError(
                     "PiAPI did not answer the create request in time; the task may exist"
                 ) from exc
             raise errors.RequestTimeoutError(f"PiAPI did not answer {method} in time", task_id=task_id) from exc
-        except httpx.HTTPError as exc:  # transport failures, undecodable bodies, ...
+        except httpx2.HTTPError as exc:  # transport failures, undecodable bodies, ...
             if is_create:
                 raise errors.SubmitUncertainError(
                     f"the connection failed after the create request was sent ({type(exc).__name__}); "
@@ -292,7 +292,7 @@ class PiAPIClient:
             return [self.scrub(v) for v in value]
         return value
 
-    def _parse(self, response: httpx.Response, *, task_id: str | None, is_create: bool) -> dict[str, Any]:
+    def _parse(self, response: httpx2.Response, *, task_id: str | None, is_create: bool) -> dict[str, Any]:
         status = response.status_code
         try:
             body = response.json()

@@ -14,7 +14,7 @@ never end. So, for every download, on every redirect hop:
   call). The caller's own deadline is applied above this (see `TaskService`).
 - Size and type are checked by the image store as the bytes arrive (`flux_mcp.files`).
 
-`GuardedTransport` is an `httpx` transport, so the rules hold for every request made through the
+`GuardedTransport` is an `httpx2` transport, so the rules hold for every request made through the
 download client, redirects included; `limited_body` is the time/rate rule. Both are safe to use
 from many concurrent downloads.
 """
@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
-import httpx
+import httpx2
 
 from flux_mcp import errors
 
@@ -66,7 +66,7 @@ def _is_loopback(address: str) -> bool:
     return ip.is_loopback
 
 
-def _origin(url: httpx.URL) -> tuple[str, int]:
+def _origin(url: httpx2.URL) -> tuple[str, int]:
     return url.host.lower(), url.port or _DEFAULT_PORTS.get(url.scheme, 0)
 
 
@@ -75,10 +75,10 @@ class AddressPolicy:
 
     def __init__(self, base_url: str, *, resolve: Resolve = resolve_host) -> None:
         self._resolve = resolve
-        base = httpx.URL(base_url)
+        base = httpx2.URL(base_url)
         self._trusted_origin = _origin(base)
 
-    async def address_for(self, url: httpx.URL) -> str:
+    async def address_for(self, url: httpx2.URL) -> str:
         """The checked address to connect to for `url`, or a `StorageError` saying why not."""
         if url.scheme not in _DEFAULT_PORTS or not url.host:
             raise errors.StorageError(f"refused to download {url}: only http(s) URLs with a host")
@@ -95,20 +95,20 @@ class AddressPolicy:
         return addresses[0]
 
 
-class GuardedTransport(httpx.AsyncBaseTransport):
+class GuardedTransport(httpx2.AsyncBaseTransport):
     """Connects every request (and so every redirect hop) only to an address `policy` allows."""
 
-    def __init__(self, policy: AddressPolicy, inner: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, policy: AddressPolicy, inner: httpx2.AsyncBaseTransport | None = None) -> None:
         self._policy = policy
         # No keep-alive: a pooled connection is keyed by address and must not serve another name.
-        self._inner = inner or httpx.AsyncHTTPTransport(
-            trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+        self._inner = inner or httpx2.AsyncHTTPTransport(
+            trust_env=False, limits=httpx2.Limits(max_keepalive_connections=0)
         )
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         address = await self._policy.address_for(request.url)
         host = request.url.host
-        pinned = httpx.Request(
+        pinned = httpx2.Request(
             request.method,
             request.url.copy_with(host=address),
             headers=request.headers,  # keeps `Host: <name>`
@@ -121,9 +121,9 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def download_client(policy: AddressPolicy, *, timeout: httpx.Timeout, limits: DownloadLimits) -> httpx.AsyncClient:
+def download_client(policy: AddressPolicy, *, timeout: httpx2.Timeout, limits: DownloadLimits) -> httpx2.AsyncClient:
     """The HTTP client downloads use: guarded on every hop, at most `limits.max_redirects` hops."""
-    return httpx.AsyncClient(
+    return httpx2.AsyncClient(
         transport=GuardedTransport(policy),
         timeout=timeout,
         follow_redirects=True,
@@ -133,7 +133,7 @@ def download_client(policy: AddressPolicy, *, timeout: httpx.Timeout, limits: Do
 
 
 async def limited_body(
-    response: httpx.Response, url: str, limits: DownloadLimits, *, started: float, clock: Callable[[], float]
+    response: httpx2.Response, url: str, limits: DownloadLimits, *, started: float, clock: Callable[[], float]
 ) -> AsyncIterator[bytes]:
     """The response body, stopped with a retryable `RequestTimeoutError` when it arrives too slowly
     (below `min_bytes_per_second` on average, counted from the headers, after `grace_seconds`) or

@@ -50,7 +50,7 @@ from flux_mcp.settings import Settings
 from flux_mcp.spend import SpendGuard, day_start
 from flux_mcp.timing import TaskKind
 
-if TYPE_CHECKING:  # the HTTP client (httpx) is loaded by whoever builds the service, on first use
+if TYPE_CHECKING:  # the HTTP client (httpx2) is loaded by whoever builds the service, on first use
     from anyio.abc import TaskGroup
 
     from flux_mcp.client import CancelOutcome, PiAPIClient

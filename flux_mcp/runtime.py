@@ -4,7 +4,7 @@
   block (simulate mode).
 - `build_service(...)`: the PiAPI client, ledger, image store and input resolver behind one
   `TaskService`. Imported and built on demand, so the server starts and lists its tools without
-  loading httpx or Pillow (the server builds it on a tool's first use).
+  loading the HTTP client or Pillow (the server builds it on a tool's first use).
 - `open_service(settings)`: both, opened and closed together (the `generate` command).
 
 A task made from the terminal therefore lands in the same ledger and output folder, under the
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from flux_mcp.settings import Settings
 
 if TYPE_CHECKING:
-    import httpx
+    import httpx2
     from anyio.abc import TaskGroup
 
     from flux_mcp.lifecycle import TaskService
@@ -49,7 +49,7 @@ def build_service(
     base_url: str,
     api_key: str,
     *,
-    http: httpx.AsyncClient | None = None,
+    http: httpx2.AsyncClient | None = None,
     policy: PollPolicy | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
     webhook: dict[str, str] | None = None,

@@ -35,7 +35,7 @@ from flux_mcp.toolkit import FluxTool
 from flux_mcp.tools import AppState, all_tools, register_app_tools, register_resources
 
 if TYPE_CHECKING:
-    import httpx
+    import httpx2
 
     from flux_mcp.polling import PollPolicy
     from flux_mcp.relay import Relay
@@ -55,11 +55,11 @@ INSTRUCTIONS = (
 
 @dataclass
 class ServerOptions:
-    """Test seams: an HTTP client (e.g. over `httpx.MockTransport`), fixed poll intervals instead of
+    """Test seams: an HTTP client (e.g. over `httpx2.MockTransport`), fixed poll intervals instead of
     the learned schedule, and the polling clock; and the HTTP app's webhook receiver, if any, with
     the relay that carries its news to the other worker processes (`--workers`)."""
 
-    http: httpx.AsyncClient | None = None
+    http: httpx2.AsyncClient | None = None
     policy: PollPolicy | None = None
     receiver: WebhookReceiver | None = None
     relay: Relay | None = None

@@ -154,19 +154,19 @@ class StandaloneSimulator:
         self.api_key = "sim-key"
 
     def configure(self, **config):
-        import httpx
+        import httpx2
 
-        httpx.post(f"{self.base_url}/_simulator/config", json=config).raise_for_status()
+        httpx2.post(f"{self.base_url}/_simulator/config", json=config).raise_for_status()
 
     def fault(self, kind: str, **options):
-        import httpx
+        import httpx2
 
-        httpx.post(f"{self.base_url}/_simulator/faults", json={"kind": kind, **options}).raise_for_status()
+        httpx2.post(f"{self.base_url}/_simulator/faults", json={"kind": kind, **options}).raise_for_status()
 
     def tasks(self) -> list[dict]:
-        import httpx
+        import httpx2
 
-        return httpx.get(f"{self.base_url}/_simulator/tasks").json()
+        return httpx2.get(f"{self.base_url}/_simulator/tasks").json()
 
     def env(self) -> dict[str, str]:
         """What a program needs to use this simulator as PiAPI."""
@@ -180,7 +180,7 @@ def _simulator_process():
     import sys
     import time
 
-    import httpx
+    import httpx2
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -196,9 +196,9 @@ def _simulator_process():
         deadline = time.monotonic() + 20
         while True:
             try:
-                httpx.get(f"{sim.base_url}/_simulator/config").raise_for_status()
+                httpx2.get(f"{sim.base_url}/_simulator/config").raise_for_status()
                 break
-            except httpx.TransportError:
+            except httpx2.TransportError:
                 assert proc.poll() is None and time.monotonic() < deadline, "simulator did not start"
                 time.sleep(0.1)
         yield sim
@@ -211,9 +211,9 @@ def _simulator_process():
 def standalone_simulator(_simulator_process):
     """`piapi-flux-mcp simulator` in its own process on a free loopback port (one per test session),
     reset for each test: no tasks or faults, fast durations."""
-    import httpx
+    import httpx2
 
     sim = _simulator_process
-    httpx.post(f"{sim.base_url}/_simulator/reset").raise_for_status()
+    httpx2.post(f"{sim.base_url}/_simulator/reset").raise_for_status()
     sim.configure(durations={"schnell": 0.3, "dev": 1.5, "dev-advanced": 1.5}, pending_seconds=0.2)
     return sim

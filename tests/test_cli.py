@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-import httpx
+import httpx2
 import pytest
 from PIL import Image
 
@@ -141,20 +141,20 @@ def test_standalone_simulator_completes_the_seed_request_with_a_downloadable_png
         deadline = time.monotonic() + 15
         while True:
             try:
-                created = httpx.post(f"{base}/api/v1/task", json=SEED_REQUEST, headers=headers)
+                created = httpx2.post(f"{base}/api/v1/task", json=SEED_REQUEST, headers=headers)
                 break
-            except httpx.ConnectError:
+            except httpx2.ConnectError:
                 assert time.monotonic() < deadline, "simulator did not start"
                 time.sleep(0.1)
         assert created.status_code == 200 and created.json()["code"] == 200
         task_id = created.json()["data"]["task_id"]
         while True:
-            data = httpx.get(f"{base}/api/v1/task/{task_id}", headers=headers).json()["data"]
+            data = httpx2.get(f"{base}/api/v1/task/{task_id}", headers=headers).json()["data"]
             if data["status"] == "completed":
                 break
             assert time.monotonic() < deadline, data["status"]
             time.sleep(0.2)
-        image = httpx.get(data["output"]["image_url"])
+        image = httpx2.get(data["output"]["image_url"])
         assert image.headers["content-type"] == "image/png"
         (tmp_path / "cat.png").write_bytes(image.content)
         with Image.open(tmp_path / "cat.png") as png:

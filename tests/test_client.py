@@ -1,4 +1,4 @@
-"""The PiAPI client over `httpx.MockTransport`: auth, error categories, and the retry policy.
+"""The PiAPI client over `httpx2.MockTransport`: auth, error categories, and the retry policy.
 
 The rule under test above all: GET and DELETE are retried, the create POST never is unless the
 request provably did not reach PiAPI.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-import httpx
+import httpx2
 import pytest
 
 from flux_mcp import errors
@@ -26,7 +26,7 @@ def task(status="pending", **extra):
 
 
 def ok(data):
-    return httpx.Response(200, json={"code": 200, "data": data, "message": "success"})
+    return httpx2.Response(200, json={"code": 200, "data": data, "message": "success"})
 
 
 class Script:
@@ -34,9 +34,9 @@ class Script:
 
     def __init__(self, *answers):
         self.answers = list(answers)
-        self.requests: list[httpx.Request] = []
+        self.requests: list[httpx2.Request] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
         self.requests.append(request)
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, Exception):
@@ -52,7 +52,7 @@ def make_client(script: Script, sleeps: list[float] | None = None) -> PiAPIClien
     return PiAPIClient(
         BASE,
         KEY,
-        http=httpx.AsyncClient(transport=httpx.MockTransport(script)),
+        http=httpx2.AsyncClient(transport=httpx2.MockTransport(script)),
         retry=RetryPolicy(attempts=4, base_seconds=0.5, cap_seconds=8),
         sleep=fake_sleep,
         rand=lambda: 1.0,
@@ -72,9 +72,9 @@ async def test_create_sends_the_payload_with_the_api_key():
 async def test_get_is_retried_with_backoff_and_retry_after():
     sleeps: list[float] = []
     script = Script(
-        httpx.Response(503, json={"code": 503, "message": "busy"}),
-        httpx.Response(429, headers={"Retry-After": "3"}, json={"code": 429, "message": "slow down"}),
-        httpx.Response(200, text="<html>bad gateway</html>"),
+        httpx2.Response(503, json={"code": 503, "message": "busy"}),
+        httpx2.Response(429, headers={"Retry-After": "3"}, json={"code": 429, "message": "slow down"}),
+        httpx2.Response(200, text="<html>bad gateway</html>"),
         ok(task("processing")),
     )
     record = await make_client(script, sleeps).get_task("t-1")
@@ -84,7 +84,7 @@ async def test_get_is_retried_with_backoff_and_retry_after():
 
 
 async def test_get_gives_up_after_the_attempt_budget_with_a_retryable_error():
-    script = Script(httpx.Response(502, text="bad gateway"))
+    script = Script(httpx2.Response(502, text="bad gateway"))
     with pytest.raises(errors.UpstreamError) as info:
         await make_client(script).get_task("t-1")
     assert len(script.requests) == 4
@@ -94,13 +94,13 @@ async def test_get_gives_up_after_the_attempt_budget_with_a_retryable_error():
 @pytest.mark.parametrize(
     "failure",
     [
-        httpx.Response(500, json={"code": 500, "message": "internal"}),
-        httpx.Response(502, text="bad gateway"),
-        httpx.Response(200, text="not json"),
-        httpx.Response(200, json={"code": 500, "data": None, "message": "internal"}),
-        httpx.Response(504, text="gateway timeout"),
-        httpx.ReadTimeout("read timed out"),
-        httpx.RemoteProtocolError("peer closed"),
+        httpx2.Response(500, json={"code": 500, "message": "internal"}),
+        httpx2.Response(502, text="bad gateway"),
+        httpx2.Response(200, text="not json"),
+        httpx2.Response(200, json={"code": 500, "data": None, "message": "internal"}),
+        httpx2.Response(504, text="gateway timeout"),
+        httpx2.ReadTimeout("read timed out"),
+        httpx2.RemoteProtocolError("peer closed"),
     ],
     ids=["500", "502", "non-json", "envelope-500", "504", "read-timeout", "connection-dropped"],
 )
@@ -115,9 +115,9 @@ async def test_create_is_never_retried_once_the_request_may_have_reached_piapi(f
 @pytest.mark.parametrize(
     "failure",
     [
-        httpx.ConnectError("connection refused"),
-        httpx.ConnectTimeout("connect timed out"),
-        httpx.Response(429, headers={"Retry-After": "1"}, json={"code": 429, "message": "rate"}),
+        httpx2.ConnectError("connection refused"),
+        httpx2.ConnectTimeout("connect timed out"),
+        httpx2.Response(429, headers={"Retry-After": "1"}, json={"code": 429, "message": "rate"}),
     ],
     ids=["refused", "connect-timeout", "429"],
 )
@@ -130,12 +130,12 @@ async def test_create_is_retried_when_piapi_provably_did_not_take_it(failure):
 @pytest.mark.parametrize(
     ("response", "error_type", "retryable"),
     [
-        (httpx.Response(401, json={"code": 401, "message": "Unauthorized"}), errors.AuthError, False),
-        (httpx.Response(400, json={"code": 400, "message": "bad prompt"}), errors.InvalidInputError, False),
-        (httpx.Response(200, json={"code": 400, "data": None, "message": "model error"}), errors.InvalidInputError,
+        (httpx2.Response(401, json={"code": 401, "message": "Unauthorized"}), errors.AuthError, False),
+        (httpx2.Response(400, json={"code": 400, "message": "bad prompt"}), errors.InvalidInputError, False),
+        (httpx2.Response(200, json={"code": 400, "data": None, "message": "model error"}), errors.InvalidInputError,
          False),
-        (httpx.Response(200, json={"code": 500, "data": None, "message": "x"}), errors.UpstreamError, True),
-        (httpx.Response(404, json={"code": 404, "message": "task not found"}), errors.NotFoundError, False),
+        (httpx2.Response(200, json={"code": 500, "data": None, "message": "x"}), errors.UpstreamError, True),
+        (httpx2.Response(404, json={"code": 404, "message": "task not found"}), errors.NotFoundError, False),
     ],
     ids=["401", "400", "envelope-400", "envelope-500", "404"],
 )  # fmt: skip
@@ -148,7 +148,7 @@ async def test_http_and_envelope_errors_become_typed_errors(response, error_type
 
 
 async def test_the_api_key_never_appears_in_an_error_message():
-    script = Script(httpx.Response(401, json={"code": 401, "message": f"bad key {KEY}"}))
+    script = Script(httpx2.Response(401, json={"code": 401, "message": f"bad key {KEY}"}))
     with pytest.raises(errors.AuthError) as info:
         await make_client(script).create_task(PAYLOAD)
     assert KEY not in str(info.value) and KEY not in json.dumps(info.value.to_dict())
@@ -157,7 +157,7 @@ async def test_the_api_key_never_appears_in_an_error_message():
 async def test_cancel_reports_whether_piapi_accepted():
     accepted = await make_client(Script(ok(task("cancelled")))).cancel_task("t-1")
     assert accepted.accepted
-    refused_script = Script(httpx.Response(400, json={"code": 400, "message": "task is already processing"}))
+    refused_script = Script(httpx2.Response(400, json={"code": 400, "message": "task is already processing"}))
     refused = await make_client(refused_script).cancel_task("t-1")
     assert not refused.accepted and "already processing" in refused.message
     assert refused_script.requests[0].method == "DELETE"
@@ -165,7 +165,7 @@ async def test_cancel_reports_whether_piapi_accepted():
 
 
 async def test_downloads_never_carry_the_api_key():
-    script = Script(httpx.Response(200, content=b"\x89PNG...", headers={"content-type": "image/png"}))
+    script = Script(httpx2.Response(200, content=b"\x89PNG...", headers={"content-type": "image/png"}))
     client = make_client(script)
     async with client.stream_download("https://img.theapi.app/temp/a.png") as response:
         assert b"".join([chunk async for chunk in response.aiter_bytes()]) == b"\x89PNG..."
@@ -178,14 +178,14 @@ async def test_create_without_a_task_id_is_uncertain():
 
 
 async def test_a_4xx_answer_to_the_create_proves_nothing_was_created():
-    script = Script(httpx.Response(400, json={"code": 400, "message": "invalid model"}))
+    script = Script(httpx2.Response(400, json={"code": 400, "message": "invalid model"}))
     with pytest.raises(errors.InvalidInputError) as info:
         await make_client(script).create_task(PAYLOAD)
     assert "invalid model" in info.value.message and "nothing was sent" not in info.value.hint
 
 
 async def test_a_403_is_not_reported_as_a_bad_key():
-    script = Script(httpx.Response(403, json={"code": 403, "message": "plan does not include this model"}))
+    script = Script(httpx2.Response(403, json={"code": 403, "message": "plan does not include this model"}))
     with pytest.raises(errors.AuthError) as info:
         await make_client(script).create_task(PAYLOAD)
     assert "refused access" in info.value.message and "Creator plan" in info.value.hint
@@ -193,24 +193,24 @@ async def test_a_403_is_not_reported_as_a_bad_key():
 
 async def test_create_stops_retrying_429_when_the_backoff_budget_is_spent():
     sleeps: list[float] = []
-    script = Script(httpx.Response(429, headers={"Retry-After": "10"}, json={"code": 429, "message": "slow"}))
+    script = Script(httpx2.Response(429, headers={"Retry-After": "10"}, json={"code": 429, "message": "slow"}))
     with pytest.raises(errors.RateLimitedError):
         await make_client(script, sleeps).create_task(PAYLOAD)
     assert sleeps == [10.0] and len(script.requests) == 2  # a second 10 s would pass the 15 s budget
 
 
 async def test_download_failures_of_any_kind_become_typed_errors():
-    def redirect_loop(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(302, headers={"Location": str(request.url)})
+    def redirect_loop(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(302, headers={"Location": str(request.url)})
 
-    client = PiAPIClient(BASE, KEY, http=httpx.AsyncClient(transport=httpx.MockTransport(redirect_loop)))
+    client = PiAPIClient(BASE, KEY, http=httpx2.AsyncClient(transport=httpx2.MockTransport(redirect_loop)))
     with pytest.raises(errors.NetworkError, match="TooManyRedirects"):
         async with client.stream_download("https://img.example.test/a.png"):
             pass
 
 
 async def test_an_uncertain_create_keeps_any_task_id_the_answer_carried():
-    script = Script(httpx.Response(200, json={"code": 500, "data": {"task_id": "t-9"}, "message": "odd"}))
+    script = Script(httpx2.Response(200, json={"code": 500, "data": {"task_id": "t-9"}, "message": "odd"}))
     with pytest.raises(errors.SubmitUncertainError) as info:
         await make_client(script).create_task(PAYLOAD)
     assert info.value.task_id == "t-9"

@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path
 
 import anyio
-import httpx
+import httpx2
 import pytest
 from mcp import Client
 from PIL import Image
@@ -83,16 +83,16 @@ async def test_downloads_to_anything_but_a_public_address_are_refused(url):
 
     policy = AddressPolicy("http://127.0.0.1:8089", resolve=resolve)
     with pytest.raises(errors.StorageError, match="refused to download"):
-        await policy.address_for(httpx.URL(url))
+        await policy.address_for(httpx2.URL(url))
 
 
 async def test_the_simulators_own_origin_and_public_addresses_are_allowed():
     policy = AddressPolicy("http://127.0.0.1:8089")
-    assert await policy.address_for(httpx.URL("http://127.0.0.1:8089/files/a.png")) == "127.0.0.1"
-    assert await policy.address_for(httpx.URL("https://93.184.216.34/a.png")) == "93.184.216.34"
+    assert await policy.address_for(httpx2.URL("http://127.0.0.1:8089/files/a.png")) == "127.0.0.1"
+    assert await policy.address_for(httpx2.URL("https://93.184.216.34/a.png")) == "93.184.216.34"
     real = AddressPolicy("https://api.piapi.ai")  # PiAPI's own host is not loopback: no exception at all
     with pytest.raises(errors.StorageError):
-        await real.address_for(httpx.URL("http://127.0.0.1:8089/files/a.png"))
+        await real.address_for(httpx2.URL("http://127.0.0.1:8089/files/a.png"))
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ async def test_the_connection_goes_to_the_address_that_was_checked(redirector):
 
     base = f"http://files.invalid:{port}"
     policy = AddressPolicy(base, resolve=resolve)
-    timeout = httpx.Timeout(5.0)
+    timeout = httpx2.Timeout(5.0)
     async with PiAPIClient(
         base, "key-0000", download_http=download_client(policy, timeout=timeout, limits=DownloadLimits())
     ) as client:
@@ -167,7 +167,7 @@ async def test_a_body_that_drips_is_cut_off_by_the_minimum_rate():
             await anyio.sleep(0.05)
             yield b"x" * 5
 
-    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, content=drip())))
+    http = httpx2.AsyncClient(transport=httpx2.MockTransport(lambda r: httpx2.Response(200, content=drip())))
     limits = DownloadLimits(grace_seconds=0.3, min_bytes_per_second=1000, max_seconds=30)
     started = time.monotonic()
     async with PiAPIClient("http://piapi.test", "key-0000", http=http, download_limits=limits) as client:

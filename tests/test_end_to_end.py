@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import httpx
+import httpx2
 import pytest
 from mcp import Client, MCPError, StdioServerParameters, stdio_client
 from PIL import Image
@@ -126,7 +126,7 @@ async def assert_completed_with_local_copies(sim: Any, result: Any, tool: str) -
     assert body["images"], (tool, body)
     types = {block.type for block in result.content}
     assert {"text", "resource_link"} <= types, (tool, types)
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx2.AsyncClient(timeout=10) as http:
         for image in body["images"]:
             path = Path(image["path"])
             assert path.is_file(), (tool, image)

@@ -1,4 +1,4 @@
-"""File policy tests: downloads go through a real `PiAPIClient` over `httpx.MockTransport`, and
+"""File policy tests: downloads go through a real `PiAPIClient` over `httpx2.MockTransport`, and
 input resolution runs against a real directory tree with symlinks in tmp_path.
 
 The property test is the important one: whatever string an agent sends, the resolver either
@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
-import httpx
+import httpx2
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -44,17 +44,17 @@ def listing(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-def client_for(handler: Callable[[httpx.Request], httpx.Response]) -> PiAPIClient:
+def client_for(handler: Callable[[httpx2.Request], httpx2.Response]) -> PiAPIClient:
     return PiAPIClient(
-        "http://piapi.test", "secret-key", http=httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        "http://piapi.test", "secret-key", http=httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
     )
 
 
 def serve(body: bytes | AsyncIterator[bytes], content_type: str | None = "image/png") -> PiAPIClient:
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         assert "x-api-key" not in request.headers
         headers = {"content-type": content_type} if content_type is not None else {}
-        return httpx.Response(200, headers=headers, content=body)
+        return httpx2.Response(200, headers=headers, content=body)
 
     return client_for(handler)
 
@@ -142,7 +142,7 @@ async def test_non_images_rejected(tmp_path: Path, body: bytes, content_type: st
 
 @pytest.mark.anyio
 async def test_http_error_leaves_no_file(tmp_path: Path) -> None:
-    client = client_for(lambda request: httpx.Response(404))
+    client = client_for(lambda request: httpx2.Response(404))
     with pytest.raises(errors.StorageError, match="404"):
         await ImageStore(tmp_path, max_bytes=10_000).save(client, task_id="t", n=0, url="https://c/x", sidecar={})
     assert listing(tmp_path) == []

@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-import httpx
+import httpx2
 import pytest
 from conftest import GALLERY_PROMPTS
 from PIL import Image
@@ -20,8 +20,8 @@ from flux_mcp.gallery.page import gallery_app
 pytestmark = pytest.mark.anyio
 
 
-def http(app, host="127.0.0.1:8770") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{host}")
+def http(app, host="127.0.0.1:8770") -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url=f"http://{host}")
 
 
 async def test_the_page_is_the_shared_view_and_loads_nothing_from_elsewhere(settings):
@@ -112,7 +112,7 @@ def test_the_gallery_command_prints_its_url_and_serves_it(tmp_path):
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
-        assert httpx.get(url + "api/tasks", timeout=10).json()["total"] == 0
+        assert httpx2.get(url + "api/tasks", timeout=10).json()["total"] == 0
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -138,12 +138,12 @@ def test_serve_http_prints_the_history_page_url(tmp_path):
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/gallery/", url)
         for _ in range(200):  # printed once the socket listens; the app may still be starting
             try:
-                answer = httpx.get(url + "api/tasks", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+                answer = httpx2.get(url + "api/tasks", headers={"Authorization": f"Bearer {token}"}, timeout=10)
                 break
-            except httpx.TransportError:
+            except httpx2.TransportError:
                 time.sleep(0.1)
         assert answer.status_code == 200 and answer.json()["total"] == 0
-        assert httpx.get(url, timeout=10).status_code == 401
+        assert httpx2.get(url, timeout=10).status_code == 401
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -18,7 +18,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import httpx
 import httpx2
 import pytest
 import uvicorn
@@ -73,7 +72,7 @@ def http_settings(settings):
     return changed(settings, auth_token=TOKEN, allowed_hosts="mcp.example.com")
 
 
-async def post_initialize(http: httpx.AsyncClient, url: str, **headers: str) -> httpx.Response:
+async def post_initialize(http: httpx2.AsyncClient, url: str, **headers: str) -> httpx2.Response:
     return await http.post(f"{url}/mcp", json=initialize(), headers=MCP_HEADERS | headers)
 
 
@@ -82,7 +81,7 @@ async def post_initialize(http: httpx.AsyncClient, url: str, **headers: str) -> 
 
 async def test_mcp_endpoint_refuses_missing_or_wrong_token_with_401(http_settings, fast_options):
     app = build_http_app(http_settings, host="0.0.0.0", options=fast_options)
-    async with serving(app) as url, httpx.AsyncClient(timeout=10) as http:
+    async with serving(app) as url, httpx2.AsyncClient(timeout=10) as http:
         missing = await post_initialize(http, url)
         wrong = await post_initialize(http, url, Authorization="Bearer not-the-token-at-all")
         not_bearer = await post_initialize(http, url, Authorization=f"Basic {TOKEN}")
@@ -115,7 +114,7 @@ async def test_an_mcp_client_with_the_token_lists_tools_and_calls_one(http_setti
 async def test_foreign_host_and_origin_are_refused_on_every_bind_even_with_the_token(http_settings, fast_options, host):
     app = build_http_app(http_settings, host=host, options=fast_options)
     bearer = {"Authorization": f"Bearer {TOKEN}"}
-    async with serving(app) as url, httpx.AsyncClient(timeout=10) as http:
+    async with serving(app) as url, httpx2.AsyncClient(timeout=10) as http:
         foreign = await post_initialize(http, url, Host="attacker.example:8000", **bearer)
         rebinding = await post_initialize(http, url, Host="mcp.example.com.attacker.example", **bearer)
         bad_origin = await post_initialize(http, url, Origin="http://attacker.example", **bearer)
@@ -141,7 +140,7 @@ async def test_allowed_and_loopback_host_names_are_accepted_on_any_port(
 ):
     app = build_http_app(http_settings, host="0.0.0.0", options=fast_options)
     headers = {"Authorization": f"Bearer {TOKEN}", "Host": host_header} | ({"Origin": origin} if origin else {})
-    async with serving(app) as url, httpx.AsyncClient(timeout=10) as http:
+    async with serving(app) as url, httpx2.AsyncClient(timeout=10) as http:
         response = await post_initialize(http, url, **headers)
     assert response.status_code == 200, response.text
 
@@ -161,7 +160,7 @@ def test_no_token_refuses_any_non_loopback_bind_and_warns_on_loopback():
 
 async def test_session_cap_answers_503_at_once_and_frees_a_slot_on_close(settings, fast_options):
     app = build_http_app(changed(settings, max_sessions=2), options=fast_options)
-    async with serving(app) as url, httpx.AsyncClient(timeout=10) as http:
+    async with serving(app) as url, httpx2.AsyncClient(timeout=10) as http:
         first = await post_initialize(http, url)
         second = await post_initialize(http, url)
         with anyio.fail_after(5):  # a clear answer, not a hang
@@ -177,7 +176,7 @@ async def test_session_cap_answers_503_at_once_and_frees_a_slot_on_close(setting
 
 async def test_idle_sessions_expire_and_free_their_slot(settings, fast_options):
     app = build_http_app(changed(settings, max_sessions=1, session_idle_seconds=0.3), options=fast_options)
-    async with serving(app) as url, httpx.AsyncClient(timeout=10) as http:
+    async with serving(app) as url, httpx2.AsyncClient(timeout=10) as http:
         first = await post_initialize(http, url)
         session = first.headers["mcp-session-id"]
         assert (await post_initialize(http, url)).status_code == 503  # the one slot is taken
@@ -257,13 +256,13 @@ def test_serve_http_prints_its_url_and_enforces_the_token(tmp_path):
         url = next(line for line in seen if "MCP endpoint" in line).split("MCP endpoint ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:") and url.endswith("/mcp")
         assert not any("FLUX_MCP_AUTH_TOKEN is not set" in line for line in seen)
-        with httpx.Client(timeout=10) as http:
+        with httpx2.Client(timeout=10) as http:
             deadline = time.monotonic() + 20
             while True:  # the URL is printed once the socket listens; the app may still be starting
                 try:
                     refused = http.post(url, json=initialize(), headers=MCP_HEADERS)
                     break
-                except httpx.TransportError:
+                except httpx2.TransportError:
                     assert time.monotonic() < deadline
                     time.sleep(0.1)
             accepted = http.post(url, json=initialize(), headers=MCP_HEADERS | {"Authorization": f"Bearer {TOKEN}"})

@@ -336,9 +336,9 @@ async def test_resources_outlive_piapi_urls(client, sim):
 
 
 async def test_a_task_submitted_elsewhere_is_fetched_and_recorded(client, sim):
-    import httpx
+    import httpx2
 
-    async with httpx.AsyncClient() as http:
+    async with httpx2.AsyncClient() as http:
         created = await http.post(
             f"{sim.base_url}/api/v1/task",
             headers={"X-API-Key": sim.api_key},

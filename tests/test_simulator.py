@@ -1,6 +1,6 @@
 """Tests of the offline PiAPI simulator over real loopback HTTP.
 
-Each test starts its own simulator with `running_simulator()` and talks to it with httpx, so the
+Each test starts its own simulator with `running_simulator()` and talks to it with httpx2, so the
 HTTP contract (envelope, status codes, headers, task object) is what is checked, not internals.
 Time is a `ManualClock` the test advances, so status progression is instant and deterministic;
 only the delay faults use real (short) sleeps.
@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 from PIL import Image
 
@@ -56,13 +56,13 @@ async def sim(clock: ManualClock) -> AsyncIterator[RunningSimulator]:
 
 
 @pytest.fixture
-async def client(sim: RunningSimulator) -> AsyncIterator[httpx.AsyncClient]:
+async def client(sim: RunningSimulator) -> AsyncIterator[httpx2.AsyncClient]:
     headers = {"X-API-Key": sim.api_key}
-    async with httpx.AsyncClient(base_url=sim.base_url, headers=headers, timeout=5) as http:
+    async with httpx2.AsyncClient(base_url=sim.base_url, headers=headers, timeout=5) as http:
         yield http
 
 
-async def create(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+async def create(client: httpx2.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
     response = await client.post("/api/v1/task", json=body)
     assert response.status_code == 200, response.text
     envelope = response.json()
@@ -71,15 +71,15 @@ async def create(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, A
     return data
 
 
-async def fetch(client: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
+async def fetch(client: httpx2.AsyncClient, task_id: str) -> dict[str, Any]:
     response = await client.get(f"/api/v1/task/{task_id}")
     assert response.status_code == 200, response.text
     data: dict[str, Any] = response.json()["data"]
     return data
 
 
-async def download(url: str) -> httpx.Response:
-    async with httpx.AsyncClient(timeout=5) as anonymous:  # no API key: files are public
+async def download(url: str) -> httpx2.Response:
+    async with httpx2.AsyncClient(timeout=5) as anonymous:  # no API key: files are public
         return await anonymous.get(url)
 
 
@@ -94,7 +94,7 @@ def data_uri(width: int, height: int) -> str:
 
 @pytest.mark.anyio
 async def test_doc_example_runs_to_completion_and_png_downloads(
-    sim: RunningSimulator, client: httpx.AsyncClient, clock: ManualClock
+    sim: RunningSimulator, client: httpx2.AsyncClient, clock: ManualClock
 ) -> None:
     task = await create(client, DOC_EXAMPLE)
     assert task["status"] == "pending" and task["output"] is None
@@ -135,7 +135,7 @@ async def test_doc_example_runs_to_completion_and_png_downloads(
 
 
 @pytest.mark.anyio
-async def test_batch_on_schnell_gives_distinct_images(client: httpx.AsyncClient, clock: ManualClock) -> None:
+async def test_batch_on_schnell_gives_distinct_images(client: httpx2.AsyncClient, clock: ManualClock) -> None:
     task = await create(client, schnell(batch_size=3))
     assert task["meta"]["usage"]["consume"] == 45_000
     clock.advance(1.0)
@@ -149,7 +149,7 @@ async def test_batch_on_schnell_gives_distinct_images(client: httpx.AsyncClient,
 
 
 @pytest.mark.anyio
-async def test_different_prompts_give_different_images(client: httpx.AsyncClient, clock: ManualClock) -> None:
+async def test_different_prompts_give_different_images(client: httpx2.AsyncClient, clock: ManualClock) -> None:
     first = await create(client, schnell("a lighthouse at dusk"))
     second = await create(client, schnell("a bowl of ramen"))
     clock.advance(5)
@@ -159,7 +159,7 @@ async def test_different_prompts_give_different_images(client: httpx.AsyncClient
 
 
 @pytest.mark.anyio
-async def test_config_and_sizes_from_input_images(client: httpx.AsyncClient, clock: ManualClock) -> None:
+async def test_config_and_sizes_from_input_images(client: httpx2.AsyncClient, clock: ManualClock) -> None:
     body = {
         "model": "Qubico/flux1-dev-advanced",
         "task_type": "fill-outpaint",
@@ -183,7 +183,7 @@ async def test_config_and_sizes_from_input_images(client: httpx.AsyncClient, clo
 
 
 @pytest.mark.anyio
-async def test_docs_empty_webhook_endpoint_means_no_webhook(client: httpx.AsyncClient) -> None:
+async def test_docs_empty_webhook_endpoint_means_no_webhook(client: httpx2.AsyncClient) -> None:
     body = {
         "model": "Qubico/flux1-dev-advanced",
         "task_type": "fill-inpaint",
@@ -215,7 +215,7 @@ def test_output_size_rules() -> None:
 
 @pytest.mark.anyio
 async def test_wrong_or_missing_key_is_401_without_echo(sim: RunningSimulator) -> None:
-    async with httpx.AsyncClient(base_url=sim.base_url, timeout=5) as http:
+    async with httpx2.AsyncClient(base_url=sim.base_url, timeout=5) as http:
         for headers in ({}, {"X-API-Key": "wrong-secret-key"}):
             response = await http.post("/api/v1/task", json=DOC_EXAMPLE, headers=headers)
             assert response.status_code == 401
@@ -228,7 +228,7 @@ async def test_wrong_or_missing_key_is_401_without_echo(sim: RunningSimulator) -
 
 
 @pytest.mark.anyio
-async def test_invalid_requests_are_400(client: httpx.AsyncClient, sim: RunningSimulator) -> None:
+async def test_invalid_requests_are_400(client: httpx2.AsyncClient, sim: RunningSimulator) -> None:
     lora_on_schnell = {
         "model": "Qubico/flux1-schnell",
         "task_type": "txt2img-lora",
@@ -248,7 +248,7 @@ async def test_invalid_requests_are_400(client: httpx.AsyncClient, sim: RunningS
 
 
 @pytest.mark.anyio
-async def test_unknown_task_is_404(client: httpx.AsyncClient) -> None:
+async def test_unknown_task_is_404(client: httpx2.AsyncClient) -> None:
     for response in (
         await client.get("/api/v1/task/00000000-0000-0000-0000-000000000000"),
         await client.delete("/api/v1/task/00000000-0000-0000-0000-000000000000"),
@@ -258,7 +258,7 @@ async def test_unknown_task_is_404(client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.anyio
-async def test_cancel_only_while_pending(client: httpx.AsyncClient, clock: ManualClock) -> None:
+async def test_cancel_only_while_pending(client: httpx2.AsyncClient, clock: ManualClock) -> None:
     pending = await create(client, schnell())
     cancelled = await client.delete(f"/api/v1/task/{pending['task_id']}")
     assert cancelled.status_code == 200
@@ -289,7 +289,7 @@ async def test_cancel_only_while_pending(client: httpx.AsyncClient, clock: Manua
 
 @pytest.mark.anyio
 async def test_http_error_fault_with_retry_after_and_method_filter(
-    client: httpx.AsyncClient, sim: RunningSimulator
+    client: httpx2.AsyncClient, sim: RunningSimulator
 ) -> None:
     sim.state.add_fault("http_error", status=429, retry_after=1, times=2, method="GET")
     task = await create(client, schnell())  # POST is not affected
@@ -313,7 +313,7 @@ async def test_http_error_fault_with_retry_after_and_method_filter(
 
 
 @pytest.mark.anyio
-async def test_malformed_fault_returns_html(client: httpx.AsyncClient) -> None:
+async def test_malformed_fault_returns_html(client: httpx2.AsyncClient) -> None:
     await client.post("/_simulator/faults", json={"kind": "malformed", "times": 1, "method": "post"})
     response = await client.post("/api/v1/task", json=schnell())
     assert response.status_code == 200 and response.text == "<html>bad gateway</html>"
@@ -324,7 +324,7 @@ async def test_malformed_fault_returns_html(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.anyio
 async def test_fail_next_fault_fails_the_next_task(
-    client: httpx.AsyncClient, sim: RunningSimulator, clock: ManualClock
+    client: httpx2.AsyncClient, sim: RunningSimulator, clock: ManualClock
 ) -> None:
     sim.state.add_fault("fail_next", code=10001, message="nsfw content detected", raw_message="raw detail")
     doomed = await create(client, schnell())
@@ -346,10 +346,10 @@ async def test_fail_next_fault_fails_the_next_task(
 
 @pytest.mark.anyio
 async def test_create_late_creates_the_task_but_answers_after_the_client_gave_up(
-    client: httpx.AsyncClient, sim: RunningSimulator
+    client: httpx2.AsyncClient, sim: RunningSimulator
 ) -> None:
     await client.post("/_simulator/faults", json={"kind": "create_late", "delay": 30})
-    with pytest.raises(httpx.ReadTimeout):
+    with pytest.raises(httpx2.ReadTimeout):
         await client.post("/api/v1/task", json=schnell("lost response"), timeout=0.3)
     tasks = (await client.get("/_simulator/tasks")).json()
     assert [t["input"]["prompt"] for t in tasks] == ["lost response"]
@@ -359,7 +359,7 @@ async def test_create_late_creates_the_task_but_answers_after_the_client_gave_up
 
 
 @pytest.mark.anyio
-async def test_slow_fault_and_latency_delay_responses(client: httpx.AsyncClient, sim: RunningSimulator) -> None:
+async def test_slow_fault_and_latency_delay_responses(client: httpx2.AsyncClient, sim: RunningSimulator) -> None:
     sim.state.add_fault("slow", delay=0.3, method="GET")
     task = await create(client, schnell())
     started = time.perf_counter()
@@ -379,7 +379,7 @@ async def test_slow_fault_and_latency_delay_responses(client: httpx.AsyncClient,
 
 
 @pytest.mark.anyio
-async def test_status_styles(client: httpx.AsyncClient, clock: ManualClock) -> None:
+async def test_status_styles(client: httpx2.AsyncClient, clock: ManualClock) -> None:
     async def statuses(style: str) -> list[str]:
         config = await client.post("/_simulator/config", json={"status_style": style})
         assert config.json()["status_style"] == style
@@ -397,7 +397,7 @@ async def test_status_styles(client: httpx.AsyncClient, clock: ManualClock) -> N
 
 
 @pytest.mark.anyio
-async def test_durations_are_configurable(client: httpx.AsyncClient, clock: ManualClock) -> None:
+async def test_durations_are_configurable(client: httpx2.AsyncClient, clock: ManualClock) -> None:
     config = await client.post("/_simulator/config", json={"durations": {"schnell": 5}, "pending_seconds": 0})
     assert config.json()["durations"]["Qubico/flux1-schnell"] == 5
     assert config.json()["durations"]["Qubico/flux1-dev"] == 2.0
@@ -410,7 +410,7 @@ async def test_durations_are_configurable(client: httpx.AsyncClient, clock: Manu
 
 
 @pytest.mark.anyio
-async def test_expire_makes_files_404(client: httpx.AsyncClient, clock: ManualClock) -> None:
+async def test_expire_makes_files_404(client: httpx2.AsyncClient, clock: ManualClock) -> None:
     task = await create(client, schnell())
     clock.advance(1)
     url = (await fetch(client, task["task_id"]))["output"]["image_url"]
@@ -424,7 +424,7 @@ async def test_expire_makes_files_404(client: httpx.AsyncClient, clock: ManualCl
 
 @pytest.mark.anyio
 async def test_files_render_on_direct_download_and_unknown_files_404(
-    client: httpx.AsyncClient, sim: RunningSimulator, clock: ManualClock
+    client: httpx2.AsyncClient, sim: RunningSimulator, clock: ManualClock
 ) -> None:
     task = await create(client, schnell())
     url = f"{sim.base_url}/files/{task['task_id']}_0.png"
@@ -435,7 +435,7 @@ async def test_files_render_on_direct_download_and_unknown_files_404(
 
 
 @pytest.mark.anyio
-async def test_reset_clears_tasks_faults_and_log(client: httpx.AsyncClient, sim: RunningSimulator) -> None:
+async def test_reset_clears_tasks_faults_and_log(client: httpx2.AsyncClient, sim: RunningSimulator) -> None:
     await create(client, schnell())
     sim.state.add_fault("http_error", status=500)
     assert (await client.get("/_simulator/faults")).json()[0]["status"] == 500
@@ -451,11 +451,11 @@ async def test_real_clock_and_clean_shutdown() -> None:
         assert running.port > 0 and running.base_url == f"http://127.0.0.1:{running.port}"
         running.state.configure(pending_seconds=0)
         headers = {"X-API-Key": "other-key"}
-        async with httpx.AsyncClient(base_url=running.base_url, headers=headers, timeout=5) as http:
+        async with httpx2.AsyncClient(base_url=running.base_url, headers=headers, timeout=5) as http:
             task = await create(http, schnell())
             assert task["status"] == "completed"
             assert (await fetch(http, task["task_id"]))["output"]["image_url"]
         base_url = running.base_url
-    async with httpx.AsyncClient(timeout=1) as http:
-        with pytest.raises(httpx.ConnectError):
+    async with httpx2.AsyncClient(timeout=1) as http:
+        with pytest.raises(httpx2.ConnectError):
             await http.get(f"{base_url}/_simulator/log")

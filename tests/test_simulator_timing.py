@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -43,7 +43,7 @@ def body(**config: Any) -> dict[str, Any]:
     return request
 
 
-async def create(http: httpx.AsyncClient, request: dict[str, Any]) -> dict[str, Any]:
+async def create(http: httpx2.AsyncClient, request: dict[str, Any]) -> dict[str, Any]:
     response = await http.post("/api/v1/task", json=request)
     assert response.status_code == 200, response.text
     data: dict[str, Any] = response.json()["data"]
@@ -51,10 +51,10 @@ async def create(http: httpx.AsyncClient, request: dict[str, Any]) -> dict[str, 
 
 
 @pytest.fixture
-async def manual() -> AsyncIterator[tuple[RunningSimulator, ManualClock, httpx.AsyncClient]]:
+async def manual() -> AsyncIterator[tuple[RunningSimulator, ManualClock, httpx2.AsyncClient]]:
     clock = ManualClock()
     async with running_simulator(SimulatorState(clock=clock)) as sim:
-        async with httpx.AsyncClient(base_url=sim.base_url, headers={"X-API-Key": sim.api_key}, timeout=5) as http:
+        async with httpx2.AsyncClient(base_url=sim.base_url, headers={"X-API-Key": sim.api_key}, timeout=5) as http:
             yield sim, clock, http
 
 
@@ -145,10 +145,10 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
 
 
 @pytest.fixture
-async def live() -> AsyncIterator[tuple[RunningSimulator, httpx.AsyncClient]]:
+async def live() -> AsyncIterator[tuple[RunningSimulator, httpx2.AsyncClient]]:
     async with running_simulator(durations={"schnell": 0.2}) as sim:
         sim.state.configure(pending_seconds=0.05, webhook_retry_seconds=0.05)
-        async with httpx.AsyncClient(base_url=sim.base_url, headers={"X-API-Key": sim.api_key}, timeout=5) as http:
+        async with httpx2.AsyncClient(base_url=sim.base_url, headers={"X-API-Key": sim.api_key}, timeout=5) as http:
             yield sim, http
 
 

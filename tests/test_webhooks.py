@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 import pytest
 from mcp import Client
 
@@ -45,10 +45,10 @@ class Hooked:
     def gets(self, task_id: str) -> int:
         return sum(1 for e in self.sim.state.log if e["method"] == "GET" and e["task_id"] == task_id)
 
-    async def post(self, body: bytes | dict[str, Any], secret: str | None = SECRET) -> httpx.Response:
+    async def post(self, body: bytes | dict[str, Any], secret: str | None = SECRET) -> httpx2.Response:
         headers = {"x-webhook-secret": secret} if secret is not None else {}
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        async with httpx.AsyncClient(timeout=5) as http:
+        async with httpx2.AsyncClient(timeout=5) as http:
             return await http.post(self.hook, content=content, headers=headers)
 
 
@@ -182,7 +182,7 @@ async def test_oversized_bodies_are_refused(hooked: Hooked) -> None:
         for _ in range(receiver_cap // 65536 + 2):
             yield b" " * 65536
 
-    async with httpx.AsyncClient(timeout=5) as http:
+    async with httpx2.AsyncClient(timeout=5) as http:
         response = await http.post(hooked.hook, content=chunks(), headers={"x-webhook-secret": SECRET})
     assert response.status_code == 413
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 
 from flux_mcp.simulator.state import SimTask, SimulatorState
 
@@ -53,7 +53,7 @@ class WebhookDispatcher:
         self,
         state: SimulatorState,
         render: Callable[[SimTask], Awaitable[None]],
-        http: httpx.AsyncClient | None = None,
+        http: httpx2.AsyncClient | None = None,
     ) -> None:
         self.state = state
         self._render = render
@@ -122,16 +122,16 @@ class WebhookDispatcher:
         try:
             response = await self._client().post(webhook.endpoint, json=body, headers=headers)
             outcome, ok = str(response.status_code), response.is_success
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             outcome, ok = type(exc).__name__, False
         self._log(task, delivery.attempt, outcome, str(body["data"]["status"]), sent)
         if not ok and delivery.attempt < self.state.config.webhook_attempts:
             due = self.state.clock() + self.state.config.webhook_retry_seconds
             self._push(_Delivery(due, next(self._seq), task, delivery.event, delivery.attempt + 1, body=body))
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> httpx2.AsyncClient:
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=_TIMEOUT_SECONDS, follow_redirects=False)
+            self._http = httpx2.AsyncClient(timeout=_TIMEOUT_SECONDS, follow_redirects=False)
         return self._http
 
     async def aclose(self) -> None:
