@@ -1,9 +1,9 @@
 """Starting the server loads only what answering tools/list needs.
 
-Pillow, httpx (the PiAPI client), the ledger's connection and the simulator are loaded and built on
-a tool's first use. uvicorn and starlette are a special case: the SDK's own `mcp.server` import
-brings them (through `sse_starlette`), so the check is that this server adds nothing of its own
-on top of that. Each check runs in a fresh interpreter, since this test process has imported
+Pillow, the PiAPI client (`flux_mcp.client`), the ledger's connection and the simulator are loaded
+and built on a tool's first use. uvicorn, starlette and httpx2 are a special case: the SDK's own
+`mcp.server` import brings them (uvicorn through `sse_starlette`), so the check is that this server
+adds nothing of its own on top of that. Each check runs in a fresh interpreter, since this test process has imported
 everything already. bench/cold_start.py measures the time this saves.
 """
 
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-LATE_MODULES = ("PIL", "httpx", "httpcore", "uvicorn", "starlette", "flux_mcp.simulator", "flux_mcp.client")
+LATE_MODULES = ("PIL", "httpx2", "httpcore2", "uvicorn", "starlette", "flux_mcp.simulator", "flux_mcp.client")
 
 PROBE = """
 import json, sys
