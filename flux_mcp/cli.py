@@ -81,14 +81,35 @@ DESCRIPTION = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose epilog may be a function, called only when help is printed: the
+    settings list and the exit codes cost imports that starting the server does not need."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+def _environment_help() -> str:
+    from flux_mcp.settings_help import environment_help
+
+    return environment_help()
+
+
+def _exit_codes_help() -> str:
+    from flux_mcp.generate import exit_codes_help
+
+    return exit_codes_help()
+
+
 def _add_front_door(parser: argparse.ArgumentParser) -> None:
     """`--version`, and every environment variable with its default in `--help` (from `Settings`)."""
     from flux_mcp import __version__
-    from flux_mcp.settings_help import environment_help
 
     parser.add_argument("--version", action="version", version=f"piapi-flux-mcp {__version__}")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = environment_help()
+    parser.epilog = _environment_help  # type: ignore[assignment]  # see _Parser
 
 
 def _global_options() -> argparse.ArgumentParser:
@@ -127,14 +148,13 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from flux_mcp.catalog import TaskType
-    from flux_mcp.generate import exit_codes_help
 
     gen = sub.add_parser(
         "generate",
         help="make an image from the terminal (progress on stderr, saved paths on stdout)",
         description="Submit one Flux task, show its progress, save the images and print their paths. "
         "Uses the same ledger and output folder as the MCP tools.",
-        epilog=exit_codes_help(),
+        epilog=_exit_codes_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
@@ -167,7 +187,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _global_options()
-    parser = argparse.ArgumentParser(prog="piapi-flux-mcp", description=DESCRIPTION, parents=[common])
+    parser = _Parser(prog="piapi-flux-mcp", description=DESCRIPTION, parents=[common])
     _add_front_door(parser)
     parser.set_defaults(func=_serve, transport="stdio", host="127.0.0.1", port=8000)
     sub = parser.add_subparsers(dest="command")

@@ -12,17 +12,19 @@ elicitation gets a refusal whose hint names the setting; nothing is sent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.resolve import AcceptedElicitation, Elicit
 from mcp_types.version import is_version_at_least
 from pydantic import BaseModel, Field
 
-from flux_mcp.catalog import TaskRequest
 from flux_mcp.errors import ConfirmationRequiredError, FluxError, NotConfirmedError
-from flux_mcp.lifecycle import TaskService
 from flux_mcp.spend import usd
+
+if TYPE_CHECKING:
+    from flux_mcp.catalog import TaskRequest
+    from flux_mcp.lifecycle import TaskService
 
 
 class SpendApproval(BaseModel):

@@ -41,11 +41,11 @@ import anyio.to_thread
 
 from flux_mcp import errors
 from flux_mcp.catalog import check_http_url
-from flux_mcp.ledger import SavedImageRow, pid_is_gone
 from flux_mcp.record import is_valid_task_id
 
 if TYPE_CHECKING:
     from flux_mcp.client import PiAPIClient
+    from flux_mcp.ledger import SavedImageRow
 
 # Pillow is imported where an image is decoded, not here: starting the server and listing its
 # tools never needs it (tests/test_cold_start.py).
@@ -102,6 +102,10 @@ def sweep_partial_files(directory: Path, *, now: float | None = None) -> list[Pa
         candidates = [p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(".part")]
     except OSError:
         return removed
+    if not candidates:
+        return removed
+    from flux_mcp.ledger import pid_is_gone  # the ledger loads on a tool's first use, not at start
+
     for path in candidates:
         base = path.name.removesuffix(".part").removesuffix(".json")
         pid = base.rsplit(".", 2)[1] if base.count(".") >= 3 else ""
@@ -235,6 +239,8 @@ class ImageStore:
                 exc.task_id = task_id
             raise
         log.info("saved %s (%d bytes) to %s", url, size, final)
+        from flux_mcp.ledger import SavedImageRow
+
         return SavedImageRow(n=n, url=url, path=str(final), sha256=sha256, bytes=size)
 
     @staticmethod

@@ -17,16 +17,17 @@ import json
 import logging
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mcp.types import CallToolResult, ImageContent, ResourceLink, TextContent
 from pydantic import BaseModel, ConfigDict
 
 from flux_mcp.errors import FluxError, TaskFailedError, TaskLostError
-from flux_mcp.files import mime_of
-from flux_mcp.lifecycle import TaskOutcome
 from flux_mcp.record import Status, TaskRecord
 from flux_mcp.schemas import compact_output, listed_only
+
+if TYPE_CHECKING:
+    from flux_mcp.lifecycle import TaskOutcome
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ class TaskResult(ToolResult):
     def extra_content(self) -> list[Any]:
         if not self.task_id:
             return []
+        from flux_mcp.files import mime_of  # files (and the ledger) load on a tool's first use
+
         # A link only where the resource can be read: `flux://` serves local copies alone.
         return [
             ResourceLink(

@@ -58,9 +58,9 @@ class ConfigurationError(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="FLUX_MCP_", extra="ignore", populate_by_name=True, use_attribute_docstrings=True
-    )
+    # Each field's docstring is its --help text (settings_help reads them when help is asked for;
+    # pydantic's use_attribute_docstrings would search every loaded module's source at import).
+    model_config = SettingsConfigDict(env_prefix="FLUX_MCP_", extra="ignore", populate_by_name=True)
 
     api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("PIAPI_API_KEY", "api_key"))
     """Your PiAPI key; required unless simulating. Never printed, logged or returned."""

@@ -2,11 +2,15 @@
 
 Each line comes from the settings model itself (its environment name, its default as this machine
 resolves it, its attribute docstring), so a setting added to `Settings` appears in `--help` with no
-second list to keep in step.
+second list to keep in step. The docstrings are read from `Settings`' source only here, when help
+is asked for, so a server start does not pay for it.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
 import textwrap
 
 from pydantic import AliasChoices
@@ -40,10 +44,22 @@ def default_text(field: FieldInfo) -> str:
     return str(value)
 
 
+def attribute_docstrings(cls: type) -> dict[str, str]:
+    """The string literal right under each annotated attribute of `cls` (`name: type = ...`)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: inspect.cleandoc(doc.value.value)
+        for node, doc in itertools.pairwise(body)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
+    }  # fmt: skip
+
+
 def environment_variables() -> list[tuple[str, str, str]]:
     """`(variable, default, description)` for every setting, in the model's order."""
+    docs = attribute_docstrings(Settings)
     return [
-        (env_name(name, field), default_text(field), " ".join((field.description or "").split()))
+        (env_name(name, field), default_text(field), " ".join((field.description or docs.get(name, "")).split()))
         for name, field in Settings.model_fields.items()
     ]
 

@@ -18,13 +18,14 @@ from pydantic import AliasChoices, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
 from flux_mcp.settings import ConfigurationError, Settings
-from flux_mcp.settings_help import env_name
 
 _SHOWN_CHARS = 80
 
 
 def _variables() -> dict[str, tuple[str, FieldInfo]]:
     """Every name a validation error may carry (field name or alias) -> (environment variable, field)."""
+    from flux_mcp.settings_help import env_name  # --help's module: loaded only when something is wrong
+
     names: dict[str, tuple[str, FieldInfo]] = {}
     for name, field in Settings.model_fields.items():
         alias = field.validation_alias

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import anyio
 from mcp.server import MCPServer
@@ -36,12 +36,9 @@ from mcp.server.mcpserver.resolve import Elicit, ElicitationResult, Resolve
 from mcp.types import CallToolResult, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
-from flux_mcp.catalog import TaskRequest
 from flux_mcp.confirmation import SpendApproval, Unasked, refusal, spend_question
 from flux_mcp.errors import FluxError, InvalidInputError, NotFoundError, about_task
-from flux_mcp.files import make_thumbnail
 from flux_mcp.gallery.apps import VIEW_META, VIEW_URI
-from flux_mcp.lifecycle import TaskOutcome, TaskService, summarise_payload
 from flux_mcp.parameters import PARAMETERS, TASK_TOOLS, TaskTool
 from flux_mcp.record import TaskRecord
 from flux_mcp.results import (
@@ -56,6 +53,13 @@ from flux_mcp.results import (
 from flux_mcp.schemas import listed_only, optional_input
 from flux_mcp.settings import Settings
 from flux_mcp.toolkit import FluxTool
+
+if TYPE_CHECKING:
+    from flux_mcp.catalog import TaskRequest
+    from flux_mcp.lifecycle import TaskOutcome, TaskService
+
+# The service's modules (lifecycle, ledger, files, HTTP client, Pillow) load on a tool's first use,
+# not here: starting the server and answering tools/list needs none of them (tests/test_cold_start.py).
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +225,8 @@ async def _submit(
     request = await service.prepare(tool.task_type, args)
     cost = request.estimated_cost_usd
     if options["dry_run"]:
+        from flux_mcp.lifecycle import summarise_payload
+
         spent = await service.spent_today()
         reattach = await service.would_reattach(tool.name, request, idempotency_key)
         decision = "allowed" if reattach else service.guard.decide(cost, spent)
@@ -562,5 +568,7 @@ def register_resources(mcp: MCPServer) -> None:
     @mcp.resource("flux://tasks/{task_id}/thumbnails/{n}", mime_type="image/webp", title="Flux task thumbnail")
     async def task_thumbnail(task_id: str, n: str, ctx: Context) -> bytes:
         """A preview of image n (<= 512 px, <= 200 KB), made from the local copy."""
+        from flux_mcp.files import make_thumbnail
+
         data, _ = await anyio.to_thread.run_sync(make_thumbnail, Path(await local_copy(ctx, task_id, n)))
         return data

@@ -1,9 +1,10 @@
 """Starting the server loads only what answering tools/list needs.
 
-Pillow, the PiAPI client (`flux_mcp.client`), the ledger's connection and the simulator are loaded
-and built on a tool's first use. uvicorn, starlette and httpx2 are a special case: the SDK's own
-`mcp.server` import brings them (uvicorn through `sse_starlette`), so the check is that this server
-adds nothing of its own on top of that. Each check runs in a fresh interpreter, since this test process has imported
+Pillow, the PiAPI client (`flux_mcp.client`), the simulator, the ledger (and sqlite3), the task
+lifecycle and its polling and timing, the `generate` command and the `--help` text are loaded and
+built on first use. uvicorn, starlette and httpx2 are a special case: the SDK's own `mcp.server`
+import brings them (uvicorn through `sse_starlette`), so the check is that this server adds
+nothing of its own on top of that. Each check runs in a fresh interpreter, since this test process has imported
 everything already. bench/cold_start.py measures the time this saves.
 """
 
@@ -15,22 +16,40 @@ import sys
 
 import pytest
 
-LATE_MODULES = ("PIL", "httpx2", "httpcore2", "uvicorn", "starlette", "flux_mcp.simulator", "flux_mcp.client")
+# Never loaded by the stdio start path up to an answered tools/list.
+LATE_MODULES = (
+    "PIL", "httpx2", "httpcore2", "uvicorn", "starlette", "sqlite3", "statistics",
+    "flux_mcp.simulator", "flux_mcp.client", "flux_mcp.ledger", "flux_mcp.lifecycle", "flux_mcp.polling",
+    "flux_mcp.timing", "flux_mcp.admission", "flux_mcp.download", "flux_mcp.generate", "flux_mcp.settings_help",
+    "flux_mcp.http_app", "flux_mcp.webhooks", "flux_mcp.workers", "flux_mcp.demo",
+)  # fmt: skip
+# Not even the SDK loads these.
+NEVER_AT_START = ("PIL", "httpcore2", "sqlite3", "flux_mcp.simulator", "flux_mcp.ledger", "flux_mcp.settings_help")
 
+# `piapi-flux-mcp` with no command, as an MCP host starts it, up to the point where it would
+# serve stdio: there it lists its tools instead and reports what is loaded.
 PROBE = """
 import json, sys
+import anyio
 import mcp.server
 sdk = set(sys.modules)
-from flux_mcp.server import create_server
-from flux_mcp.settings import Settings
-server = create_server(Settings(api_key="test-key"))
-added = sorted(set(sys.modules) - sdk)
-print(json.dumps({"added": added, "all": sorted(sys.modules)}))
+from flux_mcp import server
+
+def list_and_report(self, *args, **kwargs):
+    names = [tool.name for tool in anyio.run(self.list_tools)]
+    added = sorted(set(sys.modules) - sdk)
+    print(json.dumps({"tools": names, "added": added, "all": sorted(sys.modules)}))
+
+server.FluxServer.run = list_and_report
+from flux_mcp.cli import main
+main([])
 """
 
 
-def _modules_after_start() -> dict[str, list[str]]:
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=60)
+def _modules_after_start(tmp_path) -> dict[str, list[str]]:
+    env = {"PATH": "/usr/bin:/bin", "PIAPI_API_KEY": "test-key", "FLUX_MCP_DATA_DIR": str(tmp_path / "data")}
+    env["FLUX_MCP_OUTPUT_DIR"] = str(tmp_path / "images")
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=60, env=env)
     return json.loads(out.stdout)
 
 
@@ -39,10 +58,11 @@ def _is_under(module: str, packages: tuple[str, ...]) -> bool:
 
 
 @pytest.mark.slow
-def test_building_the_server_loads_no_image_http_client_or_web_server_module():
-    modules = _modules_after_start()
+def test_the_stdio_start_up_to_tools_list_loads_nothing_a_tool_call_needs_first(tmp_path):
+    modules = _modules_after_start(tmp_path)
+    assert len(modules["tools"]) == 13  # the probe really got as far as listing the tools
     assert [m for m in modules["added"] if _is_under(m, LATE_MODULES)] == []
-    assert [m for m in modules["all"] if _is_under(m, ("PIL", "httpx", "flux_mcp.simulator"))] == []
+    assert [m for m in modules["all"] if _is_under(m, NEVER_AT_START)] == []
 
 
 @pytest.mark.anyio

@@ -162,6 +162,9 @@ def test_help_lists_every_setting_with_its_default_and_says_what_the_bare_comman
     assert listed["PIAPI_API_KEY"] == "unset"
     assert listed["FLUX_MCP_WAIT_SECONDS"] == "45"
     assert listed["PIAPI_BASE_URL"] == Settings.model_fields["base_url"].default
+    # Each with its description, read from the field's docstring in `Settings`.
+    assert all(description for _, _, description in environment_variables())
+    assert "      Per-request HTTP timeout to PiAPI.\n" in result.stdout
 
 
 def test_dockerfile_runs_http_as_a_non_root_user_and_requires_the_token():
