@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from flux_mcp.settings import ConfigurationError, Settings
@@ -146,9 +146,22 @@ def _generate(args: argparse.Namespace) -> None:
     )
 
 
-def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from flux_mcp.catalog import TaskType
+class _TaskTypes:
+    """`generate --task`'s choices: the catalog's task types, read only when they are checked or shown."""
 
+    def _values(self) -> list[str]:
+        from flux_mcp.catalog import TaskType
+
+        return [t.value for t in TaskType]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+
+def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     gen = sub.add_parser(
         "generate",
         help="make an image from the terminal (progress on stderr, saved paths on stdout)",
@@ -159,7 +172,8 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         parents=[common],
     )
     gen.add_argument("prompt", help="what to draw")
-    gen.add_argument("--task", default="txt2img", choices=[t.value for t in TaskType], help="default txt2img")
+    task = gen.add_argument("--task", default="txt2img", help="default txt2img")
+    task.choices = _TaskTypes()  # set after add_argument, which would list them at once
     gen.add_argument("--model", help="e.g. Qubico/flux1-dev (tasks with one model choose it themselves)")
     gen.add_argument("--image", help="input image: a local file, URL or data: URI (img2img, fill, redux)")
     gen.add_argument("--control-image", help="control image for --task controlnet-lora")

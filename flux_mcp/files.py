@@ -40,7 +40,6 @@ import anyio
 import anyio.to_thread
 
 from flux_mcp import errors
-from flux_mcp.catalog import check_http_url
 from flux_mcp.record import is_valid_task_id
 
 if TYPE_CHECKING:
@@ -468,6 +467,8 @@ class InputResolver:
             raise errors.InvalidInputError(f"{field}: expected an image URL, data URI or local file path")
         lowered = text.lower()
         if lowered.startswith(("http://", "https://")):
+            from flux_mcp.catalog import check_http_url
+
             try:
                 return check_http_url(text)
             except ValueError:

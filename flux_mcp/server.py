@@ -3,14 +3,16 @@
 `create_server` validates the settings (a missing key fails here, before any transport opens),
 and its lifespan starts the backend (`runtime.backend`: PiAPI, or the simulator) and builds the
 core (`runtime.build_service`) on a tool's first use, once per process (per connection in memory).
-The tools themselves live in `flux_mcp.tools` (as `toolkit.FluxTool`s), the Tasks extension in
-`flux_mcp.tasks`. Only the SDK's public API is used: `FluxServer` overrides `list_tools`,
+The tools themselves live in `flux_mcp.tools` (as `toolkit.FluxTool`s, built on the first tool
+call; tools/list answers from their definitions as `flux_mcp.tool_list` keeps them), the Tasks
+extension in `flux_mcp.tasks`. Only the SDK's public API is used: `FluxServer` overrides `list_tools`,
 `call_tool` and `get_prompt` (tests/test_public_api.py checks that no `_`-prefixed SDK name is touched).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -31,6 +33,7 @@ from flux_mcp.schemas import compact_output, show_configured_defaults, strip_tit
 from flux_mcp.settings import Settings
 from flux_mcp.startup import check_folders
 from flux_mcp.tasks import TasksExtension
+from flux_mcp.tool_list import tool_definitions
 from flux_mcp.toolkit import FluxTool
 from flux_mcp.tools import AppState, all_tools, register_app_tools, register_resources
 
@@ -126,9 +129,16 @@ class FluxServer(MCPServer):
       an internal error.
     """
 
-    def __init__(self, *args: Any, flux_tools: list[FluxTool], **kwargs: Any) -> None:
-        self.flux_tools = {tool.name: tool for tool in flux_tools}
+    def __init__(
+        self, *args: Any, flux_tools: Callable[[], list[FluxTool]], listed: list[MCPTool], **kwargs: Any
+    ) -> None:
+        self._build_flux_tools = flux_tools
+        self._listed = listed  # the same tools' definitions, as tools/list shows them
         super().__init__(*args, **kwargs)
+
+    @functools.cached_property
+    def flux_tools(self) -> dict[str, FluxTool]:
+        return {tool.name: tool for tool in self._build_flux_tools()}
 
     async def list_tools(self) -> list[MCPTool]:
         contributed = [
@@ -141,7 +151,7 @@ class FluxServer(MCPServer):
             )
             for tool in await super().list_tools()
         ]
-        return [tool.definition() for tool in self.flux_tools.values()] + contributed
+        return [*self._listed, *contributed]
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None) -> Any:
         tool = self.flux_tools.get(name)
@@ -159,6 +169,19 @@ class FluxServer(MCPServer):
         return await super().get_prompt(name, arguments, context)
 
 
+def _tool_definitions() -> list[dict[str, Any]]:
+    """Every Flux tool's definition as the SDK serialises it (set fields only), before settings apply."""
+    return [tool.definition().model_dump(mode="json", by_alias=True, exclude_unset=True) for tool in all_tools()]
+
+
+def _listed_tools(settings: Settings) -> list[MCPTool]:
+    """tools/list's Flux tools: the kept definitions, with descriptions stating this server's defaults."""
+    listed = [MCPTool.model_validate(definition) for definition in tool_definitions(_tool_definitions)]
+    for tool in listed:
+        show_configured_defaults(tool.input_schema, settings)
+    return listed
+
+
 def create_server(settings: Settings | None = None, options: ServerOptions | None = None) -> MCPServer:
     """Build a fresh server. Raises `ConfigurationError` (one line) before any transport opens."""
     settings = settings or Settings()
@@ -172,9 +195,7 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
     options = options or ServerOptions()
     apps = gallery_apps()
     register_app_tools(apps)
-    tools = all_tools()
-    for tool in tools:  # descriptions state the defaults this server was configured with
-        show_configured_defaults(tool.input_schema, settings)
+    tools = functools.cache(all_tools)  # the tool objects (and the catalog) on the first call
     mcp = FluxServer(
         "piapi-flux-mcp",
         title="Flux image generation (PiAPI)",
@@ -184,6 +205,7 @@ def create_server(settings: Settings | None = None, options: ServerOptions | Non
         log_level=settings.log_level,
         subscriptions=False,
         flux_tools=tools,
+        listed=_listed_tools(settings),
         extensions=[apps, TasksExtension(tools)],
     )
     register_resources(mcp)

@@ -176,9 +176,11 @@ class Settings(BaseSettings):
     @field_validator("webhook_endpoint")
     @classmethod
     def _webhook_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None  # unset: no need to load the catalog
         from flux_mcp.catalog import check_http_url  # the same rule as every URL argument
 
-        return None if value is None else check_http_url(value)
+        return check_http_url(value)
 
     def piapi_config(self) -> dict[str, Any]:
         """PiAPI's per-task `config` for this deployment (empty when nothing is configured)."""

@@ -18,8 +18,9 @@ polling is the extension's default.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,8 +66,12 @@ def _iso(timestamp: float) -> str:
 class TasksExtension(Extension):
     identifier = EXTENSION_ID
 
-    def __init__(self, tools: Sequence[FluxTool]) -> None:
-        self._tools = {tool.name: tool for tool in tools if tool.start is not None}
+    def __init__(self, tools: Callable[[], Sequence[FluxTool]]) -> None:
+        self._all_tools = tools  # built on the first tool call, not at start
+
+    @functools.cached_property
+    def _tools(self) -> dict[str, FluxTool]:
+        return {tool.name: tool for tool in self._all_tools() if tool.start is not None}
 
     def methods(self) -> Sequence[MethodBinding]:
         return (

@@ -27,7 +27,6 @@ from mcp.types import Tool as MCPTool
 from pydantic import BaseModel
 
 from flux_mcp.errors import FluxError
-from flux_mcp.parameters import validate_arguments
 from flux_mcp.record import TaskRecord
 from flux_mcp.results import ToolResult
 from flux_mcp.schemas import strip_titles
@@ -76,6 +75,8 @@ class FluxTool:
         )
 
     def validate(self, raw: Any) -> dict[str, Any]:
+        from flux_mcp.parameters import validate_arguments  # the catalog loads on a tool's first use
+
         return validate_arguments(self.arguments, raw)
 
     async def call(self, ctx: Context, raw: Any) -> CallToolResult | InputRequiredResult:

@@ -39,7 +39,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from flux_mcp.confirmation import SpendApproval, Unasked, refusal, spend_question
 from flux_mcp.errors import FluxError, InvalidInputError, NotFoundError, about_task
 from flux_mcp.gallery.apps import VIEW_META, VIEW_URI
-from flux_mcp.parameters import PARAMETERS, TASK_TOOLS, TaskTool
 from flux_mcp.record import TaskRecord
 from flux_mcp.results import (
     FAILED_STATUSES,
@@ -57,9 +56,11 @@ from flux_mcp.toolkit import FluxTool
 if TYPE_CHECKING:
     from flux_mcp.catalog import TaskRequest
     from flux_mcp.lifecycle import TaskOutcome, TaskService
+    from flux_mcp.parameters import TaskTool
 
-# The service's modules (lifecycle, ledger, files, HTTP client, Pillow) load on a tool's first use,
-# not here: starting the server and answering tools/list needs none of them (tests/test_cold_start.py).
+# The service's modules (lifecycle, ledger, files, HTTP client, Pillow) and the task tools' parameters
+# (the catalog) load on a tool's first use, not here: starting the server and answering tools/list
+# needs none of them (the list is kept by `flux_mcp.tool_list`; tests/test_cold_start.py).
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,8 @@ def _task_tool(tool: TaskTool) -> FluxTool:
         return submitted if isinstance(submitted, CallToolResult) else submitted.record
 
     async def error_context(ctx: Context, raw: Mapping[str, Any]) -> dict[str, Any]:
+        from flux_mcp.parameters import PARAMETERS
+
         given = raw.get("model")
         model = tool.fixed_model or (given if isinstance(given, str) else None) or PARAMETERS["model"].default
         context: dict[str, Any] = {"task_type": tool.task_type.value, "model": str(model)}
@@ -419,6 +422,8 @@ async def _list_tasks(ctx: Context, args: dict[str, Any]) -> CallToolResult:
 
 def all_tools() -> list[FluxTool]:
     """Every tool, in the order tools/list shows them (task tools first, in catalog order)."""
+    from flux_mcp.parameters import TASK_TOOLS
+
     return [
         *(_task_tool(tool) for tool in TASK_TOOLS),
         FluxTool(
@@ -482,15 +487,15 @@ def _summary(entry: Any) -> TaskSummary:
 
 # --- the gallery App's own action -------------------------------------------------------------------
 
-_RERUN_TOOLS = {tool.name: tool for tool in TASK_TOOLS}
-
 
 async def _rerun_arguments(state: AppState, task_id: str) -> tuple[TaskTool, dict[str, Any]]:
     """The tool and validated arguments that submit `task_id`'s request again, as a new task."""
     entry = await state.service.ledger.get(task_id)
     if entry is None:
         raise NotFoundError(f"task {task_id} is not in the local ledger", task_id=task_id)
-    tool = _RERUN_TOOLS.get(entry.tool)
+    from flux_mcp.parameters import TASK_TOOLS
+
+    tool = next((t for t in TASK_TOOLS if t.name == entry.tool), None)
     if tool is None:
         raise InvalidInputError(
             f"task {task_id} was not submitted by this server, so its arguments are unknown",
