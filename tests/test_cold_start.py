@@ -2,12 +2,12 @@
 
 Pillow, the PiAPI client (`flux_mcp.client`), the simulator, the ledger (and sqlite3), the task
 lifecycle and its polling and timing, the catalog and the task tools' arguments models, the
-`generate` command and the `--help` text are loaded and built on first use. tools/list answers from the definitions
-`flux_mcp.tool_list` keeps (named by a hash of the source), which must be exactly what the code
-builds. uvicorn, starlette and httpx2 are a special case: the SDK's own `mcp.server`
-import brings them (uvicorn through `sse_starlette`), so the check is that this server adds
-nothing of its own on top of that. Each check runs in a fresh interpreter, since this test process has imported
-everything already. bench/cold_start.py measures the time this saves.
+`generate` command and the `--help` text are loaded and built on first use. tools/list answers
+from the definitions `flux_mcp.tool_list` keeps (named by a hash of the source), which must be
+exactly what the code builds. uvicorn, starlette and httpx2 are a special case: the SDK's own
+`mcp.server` import brings them (uvicorn through `sse_starlette`), so the check is that this
+server adds nothing of its own on top of that. Each check runs in a fresh interpreter, since this
+test process has imported everything already. bench/cold_start.py measures the time this saves.
 """
 
 from __future__ import annotations
