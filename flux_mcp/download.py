@@ -46,6 +46,10 @@ class DownloadLimits:
 async def resolve_host(host: str, port: int) -> list[str]:
     """Every address `host` resolves to (an IP literal, in any spelling, resolves to itself)."""
     try:
+        return [str(ipaddress.ip_address(host))]  # a plain literal: no look-up (and no thread) needed
+    except ValueError:
+        pass  # a name, or a literal in another spelling (`2130706434`, `0x7f.1`): the resolver decides
+    try:
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise errors.NetworkError(f"cannot resolve {host}: {exc.strerror or exc}") from exc
@@ -95,15 +99,36 @@ class AddressPolicy:
         return addresses[0]
 
 
+# Host names whose connections are kept alive between downloads (PiAPI serves its images from one
+# or two); downloads from any further host open a connection each.
+KEEP_ALIVE_HOSTS = 8
+
+
 class GuardedTransport(httpx2.AsyncBaseTransport):
     """Connects every request (and so every redirect hop) only to an address `policy` allows."""
 
     def __init__(self, policy: AddressPolicy, inner: httpx2.AsyncBaseTransport | None = None) -> None:
         self._policy = policy
-        # No keep-alive: a pooled connection is keyed by address and must not serve another name.
-        self._inner = inner or httpx2.AsyncHTTPTransport(
-            trust_env=False, limits=httpx2.Limits(max_keepalive_connections=0)
-        )
+        self._inner = inner
+        # A pooled connection is keyed by the address it was made to, so one pool per host name:
+        # a connection whose TLS session was checked for one name never carries a request for
+        # another name at the same address. The address is still checked on every request.
+        self._by_host: dict[str, httpx2.AsyncBaseTransport] = {}
+        self._one_shot: httpx2.AsyncBaseTransport | None = None
+
+    def _transport_for(self, host: str) -> httpx2.AsyncBaseTransport:
+        if self._inner is not None:
+            return self._inner
+        if (transport := self._by_host.get(host)) is not None:
+            return transport
+        if len(self._by_host) < KEEP_ALIVE_HOSTS:
+            transport = self._by_host[host] = httpx2.AsyncHTTPTransport(trust_env=False)
+            return transport
+        if self._one_shot is None:
+            self._one_shot = httpx2.AsyncHTTPTransport(
+                trust_env=False, limits=httpx2.Limits(max_keepalive_connections=0)
+            )
+        return self._one_shot
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         address = await self._policy.address_for(request.url)
@@ -115,10 +140,14 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
             stream=request.stream,
             extensions={**request.extensions, "sni_hostname": host},  # TLS checks the name, not the address
         )
-        return await self._inner.handle_async_request(pinned)
+        return await self._transport_for(host.lower()).handle_async_request(pinned)
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        transports = [*self._by_host.values(), self._one_shot, self._inner]
+        self._by_host.clear()
+        for transport in transports:
+            if transport is not None:
+                await transport.aclose()
 
 
 def download_client(policy: AddressPolicy, *, timeout: httpx2.Timeout, limits: DownloadLimits) -> httpx2.AsyncClient:

@@ -157,6 +157,44 @@ async def test_the_connection_goes_to_the_address_that_was_checked(redirector):
     assert resolved == ["files.invalid"]
 
 
+async def test_downloads_reuse_a_connection_per_host_name_and_never_across_names(monkeypatch):
+    """Images from one host share kept-alive connections; a second name at the same address gets
+    its own (a connection checked for one name never carries another's request); past
+    KEEP_ALIVE_HOSTS names, each download opens and closes its own connection."""
+    from flux_mcp import download
+
+    peers: list[tuple[str, int]] = []
+
+    async def image(request):
+        peers.append((request.headers["host"].split(":")[0], request.client.port))
+        return Response(png(), media_type="image/png")
+
+    monkeypatch.setattr(download, "_is_public", lambda address: True)  # *.test all resolve to loopback
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    async with running_app(Starlette(routes=[Route("/i.png", image)])) as url:
+        port = int(url.rsplit(":", 1)[1])
+        policy = AddressPolicy("https://api.piapi.ai", resolve=resolve)
+        overflow = [f"h{k}.test" for k in range(download.KEEP_ALIVE_HOSTS)]  # a.test and b.test fill two slots
+        names = ["a.test", "a.test", "b.test", "a.test", *overflow, overflow[-1]]
+        async with PiAPIClient(
+            "https://api.piapi.ai",
+            "key-0000",
+            download_http=download_client(policy, timeout=httpx2.Timeout(5.0), limits=DownloadLimits()),
+        ) as client:
+            for name in names:
+                async with client.stream_download(f"http://{name}:{port}/i.png") as body:
+                    assert b"".join([chunk async for chunk in body.aiter_bytes()]).startswith(b"\x89PNG")
+    a_ports = {p for host, p in peers if host == "a.test"}
+    b_ports = {p for host, p in peers if host == "b.test"}
+    assert len(a_ports) == 1 and len(b_ports) == 1 and a_ports != b_ports
+    last = [p for host, p in peers if host == overflow[-1]]
+    assert len(last) == 2 and last[0] != last[1]  # a name past the kept-alive ones: a connection each
+    assert len({p for _, p in peers}) == len(set(names)) + 1  # otherwise one per name, never shared
+
+
 # --- time: a dripping body cannot hold a call ------------------------------------------------------
 
 
