@@ -231,6 +231,10 @@ class TaskLedger:
         self._open_lock = anyio.Lock()
         self._funnel = anyio.CapacityLimiter(1)  # one batch at a time on `_conn`
         self._conn: sqlite3.Connection | None = None
+        # Reads run on a second connection of their own: WAL lets it read the last commit while
+        # a batch of writes runs, so a listing or a status look-up never queues behind writes.
+        self._reader: sqlite3.Connection | None = None
+        self._reading = anyio.CapacityLimiter(1)
         self._queue: builtins.list[_Operation] = []
         self._draining = False
 
@@ -249,8 +253,14 @@ class TaskLedger:
             if conn is not None:
                 conn.close()
 
+        def close_reader() -> None:
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.close()
+
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(close, limiter=self._funnel)
+            await anyio.to_thread.run_sync(close_reader, limiter=self._reading)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -297,6 +307,25 @@ class TaskLedger:
                 raise errors.StorageError(f"task ledger {self.path}: {op.error}") from op.error
             raise op.error
         return op.result
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run the read-only `fn` on this process's reading connection (see `__init__`): it sees
+        every write that has returned, and waits for no batch of writes."""
+        if not self._opened:
+            async with self._open_lock:
+                if not self._opened:
+                    await self.open()
+
+        def read() -> _T:
+            if self._reader is None:
+                self._reader = self._connect()
+                self._reader.execute("PRAGMA query_only = 1")
+            return fn(self._reader)
+
+        try:
+            return await anyio.to_thread.run_sync(read, limiter=self._reading)
+        except sqlite3.Error as exc:
+            raise errors.StorageError(f"task ledger {self.path}: {exc}") from exc
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -426,10 +455,10 @@ class TaskLedger:
         return cls._entries(conn, [row])[0] if row is not None else None
 
     async def get(self, task_id: str) -> LedgerEntry | None:
-        return await self._run(lambda conn: self._one(conn, "task_id", task_id))
+        return await self._read(lambda conn: self._one(conn, "task_id", task_id))
 
     async def get_local(self, local_id: str) -> LedgerEntry | None:
-        return await self._run(lambda conn: self._one(conn, "local_id", local_id))
+        return await self._read(lambda conn: self._one(conn, "local_id", local_id))
 
     async def list(
         self, *, status: str | None = None, task_type: str | None = None, limit: int = 20
@@ -477,7 +506,7 @@ class TaskLedger:
             total = conn.execute(f"SELECT COUNT(*) FROM tasks WHERE {where}", params).fetchone()[0]
             return self._entries(conn, rows), total
 
-        return await self._run(query)
+        return await self._read(query)
 
     async def facets(self) -> dict[str, builtins.list[str]]:
         """The task types and models present in the ledger (for filter menus)."""
@@ -488,7 +517,7 @@ class TaskLedger:
                 for column in ("task_type", "model")
             }
 
-        return await self._run(query)
+        return await self._read(query)
 
     async def describe(self, entry: LedgerEntry) -> dict[str, Any]:
         """An entry as JSON-ready data with its status history (the `flux://tasks/{id}` record)."""
@@ -499,7 +528,7 @@ class TaskLedger:
             ).fetchall()
             return [{"status": row["status"], "at": row["at"]} for row in rows]
 
-        return {**entry.model_dump(mode="json"), "history": await self._run(query)}
+        return {**entry.model_dump(mode="json"), "history": await self._read(query)}
 
     async def history(self, task_id: str) -> builtins.list[tuple[str, float]]:
         def query(conn: sqlite3.Connection) -> builtins.list[tuple[str, float]]:
@@ -510,7 +539,7 @@ class TaskLedger:
             ).fetchall()
             return [(row["status"], row["at"]) for row in rows]
 
-        return await self._run(query)
+        return await self._read(query)
 
     async def recent_timings(self, limit: int = 1000) -> builtins.list[tuple[str, str, dict[str, Any], TaskRecord]]:
         """`(model, task_type, request input, PiAPI record)` of the newest completed tasks, newest
@@ -530,7 +559,7 @@ class TaskLedger:
                 found.append((row["model"], row["task_type"], task_input, record))
             return found
 
-        return await self._run(query)
+        return await self._read(query)
 
     async def images(self, task_id: str) -> builtins.list[SavedImageRow]:
         entry = await self.get(task_id)
@@ -568,12 +597,13 @@ class TaskLedger:
 
     async def spent_since(self, since: float) -> float:
         """USD charged for tasks created at or after `since` (see `flux_mcp.spend`)."""
-        return await self._run(lambda conn: self._spent_since(conn, since))
+        return await self._read(lambda conn: self._spent_since(conn, since))
 
     async def would_reattach(self, idempotency_key: str, window_seconds: float | None) -> bool:
         """Whether `reserve` with this key would re-attach now (a read; the answer may change)."""
         now = self._clock()
-        return await self._run(lambda conn: self._active_holder(conn, idempotency_key, window_seconds, now) is not None)
+        holder = await self._read(lambda conn: self._active_holder(conn, idempotency_key, window_seconds, now))
+        return holder is not None
 
     async def reserve(
         self,

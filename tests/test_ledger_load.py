@@ -147,3 +147,31 @@ async def test_a_cancelled_caller_neither_loses_its_write_nor_stalls_the_others(
         assert "after" in {entry.request["prompt"] for entry in reserved}
         # Whatever each cancelled caller had started was finished: no reservation is half written.
         assert all(entry.submit_state in ("submitting", "submitted") for entry in reserved)
+
+
+async def test_reads_never_wait_for_a_batch_of_writes(tmp_path: Path):
+    """A listing (what flux_list_tasks and the status look-ups do) is answered from the last
+    commit while a batch of writes still runs."""
+    import threading
+
+    async with TaskLedger(tmp_path / "tasks.sqlite3") as ledger:
+        assert await one_task(ledger, "done")
+        inside, release, written = threading.Event(), threading.Event(), threading.Event()
+
+        def slow_write(conn):
+            conn.execute("UPDATE tasks SET updated_at = updated_at")
+            inside.set()
+            release.wait(3)
+            written.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ledger._run, slow_write)
+            await anyio.to_thread.run_sync(inside.wait, 10)
+            try:
+                listed = await ledger.list()
+                spent = await ledger.spent_since(0)
+                answered_during_the_write = not written.is_set()
+            finally:
+                release.set()
+        assert answered_during_the_write
+        assert [e.request["prompt"] for e in listed] == ["done"] and spent > 0
