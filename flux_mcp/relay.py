@@ -12,9 +12,12 @@ unix datagram socket and sleeps until the kernel says one is readable.
   ledger the record would otherwise be read from. A path too long for `AF_UNIX` (107 bytes on
   Linux, 103 elsewhere) moves the directory under the temp dir, named by a hash of the ledger's
   directory; a directory we do not own, or one open to others, disables the relay with a warning.
-- **Sending** happens in the publishing call (a listener of `TaskEvents`), with a non-blocking
-  socket: a datagram the peer has no room for is dropped, never waited for. A peer whose socket
-  refuses (its process is gone) has its file removed.
+- **Sending** starts in the publishing call (a listener of `TaskEvents`), on a non-blocking socket
+  connected to each peer, so it never blocks. A peer's queue holds only a few datagrams (Linux:
+  `net.unix.max_dgram_qlen`, 10 by default), so what it has no room for waits in a per-peer
+  backlog (at most `MAX_BACKLOG_BYTES`) that a task sends as soon as the kernel reports room; a
+  peer that takes nothing for `DRAIN_SECONDS` loses its backlog. A peer whose socket refuses
+  (its process is gone) has its file removed.
 - **Receiving** takes datagrams of at most `MAX_DATAGRAM` bytes that parse as a `TaskRecord`
   with a valid task id, and publishes only records some call in this process waits for (a waiter
   exists only for a task in our ledger); anything else is dropped with a log line.
@@ -29,14 +32,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
 import socket
 import stat
 import sys
 import tempfile
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from pydantic import ValidationError
@@ -44,11 +51,17 @@ from pydantic import ValidationError
 from flux_mcp.push import TaskEvents
 from flux_mcp.record import TaskRecord, is_valid_task_id
 
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 64 * 1024  # a record is ~1 KB; room for a batch of long signed URLs
 MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103  # sun_path, less its NUL
 RELAY_DIR = "relay"
+MAX_BACKLOG_BYTES = 1024 * 1024  # per peer: updates waiting for room in its queue
+DRAIN_SECONDS = 5.0  # a peer that takes nothing for this long is stuck: its backlog is dropped
+_SOCKET_NAME = re.compile(r"[0-9]{1,10}-[0-9a-f]{8}")
 _BATCH = 64  # datagrams read per wake-up before giving others a turn
 
 
@@ -84,6 +97,35 @@ def _private_directory(directory: Path) -> bool:
     return True
 
 
+def _remove_dead(peer: Path) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(peer).st_mode):  # a socket nobody listens on: its worker is gone
+            peer.unlink()
+            log.info("worker relay: removed %s (its process is gone)", peer.name)
+    except OSError:
+        pass
+
+
+def _widen_buffer(sock: socket.socket, option: int) -> None:
+    try:  # macOS caps datagrams at 2 KB by default
+        sock.setsockopt(socket.SOL_SOCKET, option, 4 * MAX_DATAGRAM)
+    except OSError:
+        pass
+
+
+@dataclass(eq=False)
+class _Peer:
+    """Another worker's socket, as we send to it: connected, so the kernel can tell us when it has
+    room again, and the updates it had no room for yet (bounded)."""
+
+    path: Path
+    sock: socket.socket
+    backlog: deque[bytes] = field(default_factory=deque)
+    queued: int = 0  # bytes in the backlog
+    draining: bool = False
+    closed: bool = False
+
+
 class Relay:
     """Forward `events`' published records to the other workers' relays, and publish theirs here.
     `running()` binds, serves and cleans up; while it is not running, nothing is sent."""
@@ -91,8 +133,11 @@ class Relay:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path: Path | None = None  # our socket, while running
+        self.drain_seconds = DRAIN_SECONDS
         self._sock: socket.socket | None = None
         self._events: TaskEvents | None = None
+        self._peers: dict[str, _Peer] = {}
+        self._tg: TaskGroup | None = None
 
     @classmethod
     def beside(cls, state_dir: Path) -> Relay | None:
@@ -116,12 +161,14 @@ class Relay:
         events.add_listener(self.send)
         try:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 tg.start_soon(self._receive)
                 try:
                     yield
                 finally:
                     tg.cancel_scope.cancel()
         finally:
+            self._tg = None
             self._close()
 
     def _open(self) -> bool:
@@ -135,11 +182,7 @@ class Relay:
             return False
         try:
             sock.setblocking(False)
-            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # macOS caps datagrams at 2 KB by default
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, option, 4 * MAX_DATAGRAM)
-                except OSError:
-                    pass
+            _widen_buffer(sock, socket.SO_RCVBUF)
             sock.bind(os.fspath(path))
             os.chmod(path, 0o600)
         except OSError as exc:
@@ -153,6 +196,8 @@ class Relay:
     def _close(self) -> None:
         sock, path = self._sock, self.path
         self._sock = self.path = None
+        for peer in list(self._peers.values()):
+            self._forget(peer)
         if sock is not None:
             sock.close()
         if path is not None:
@@ -164,40 +209,105 @@ class Relay:
     # --- out ---------------------------------------------------------------------------------------
 
     def send(self, record: TaskRecord) -> None:
-        """Send `record` to every other worker's socket; never blocks (a `TaskEvents` listener)."""
-        sock, own = self._sock, self.path
-        if sock is None or own is None:
+        """Queue `record` for every other worker's socket and send what fits now; never blocks
+        (a `TaskEvents` listener). What a peer has no room for waits in its backlog."""
+        if self._sock is None or self.path is None:
             return
         data = record.model_dump_json(exclude_defaults=True).encode()
         if len(data) > MAX_DATAGRAM:
             log.warning("worker relay: task %s's update is too large to relay (%d bytes)", record.task_id, len(data))
             return
         try:
-            names = os.listdir(self.directory)
+            names = {name for name in os.listdir(self.directory) if _SOCKET_NAME.fullmatch(name)}
         except OSError as exc:
             log.warning("worker relay: cannot list %s (%s)", self.directory, exc.strerror or exc)
             return
+        names.discard(self.path.name)
+        for name in set(self._peers) - names:  # its worker shut down and removed its socket
+            self._forget(self._peers[name])
         for name in names:
-            if name == own.name:
+            peer = self._peers.get(name) or self._connect(name)
+            if peer is None:
                 continue
-            peer = self.directory / name
-            try:
-                sock.sendto(data, os.fspath(peer))
-            except (ConnectionRefusedError, FileNotFoundError):
-                self._remove_dead(peer)
-            except BlockingIOError:
-                log.info("worker relay: %s has no room; task %s's update dropped there", name, record.task_id)
-            except OSError as exc:
-                log.warning("worker relay: sending to %s failed (%s)", name, exc.strerror or exc)
+            if peer.queued + len(data) > MAX_BACKLOG_BYTES:
+                log.warning("worker relay: %s is far behind; task %s's update dropped", name, record.task_id)
+                continue
+            peer.backlog.append(data)
+            peer.queued += len(data)
+            if not peer.draining:
+                self._flush(peer)
+                if peer.backlog and not peer.closed and self._tg is not None:
+                    peer.draining = True
+                    self._tg.start_soon(self._drain, peer)
 
-    @staticmethod
-    def _remove_dead(peer: Path) -> None:
+    def _connect(self, name: str) -> _Peer | None:
+        path = self.directory / name
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            if stat.S_ISSOCK(os.lstat(peer).st_mode):  # a socket nobody listens on: its worker is gone
-                peer.unlink()
-                log.info("worker relay: removed %s (its process is gone)", peer.name)
-        except OSError:
+            sock.setblocking(False)
+            _widen_buffer(sock, socket.SO_SNDBUF)
+            sock.connect(os.fspath(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            _remove_dead(path)
+            return None
+        except OSError as exc:
+            sock.close()
+            log.warning("worker relay: cannot reach %s (%s)", name, exc.strerror or exc)
+            return None
+        peer = self._peers[name] = _Peer(path, sock)
+        return peer
+
+    def _flush(self, peer: _Peer) -> None:
+        """Send the peer's backlog until it has no room (EAGAIN) or the backlog is empty."""
+        while peer.backlog and not peer.closed:
+            data = peer.backlog[0]
+            try:
+                peer.sock.send(data)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:  # its worker is gone
+                self._forget(peer, dead=True)
+                return
+            except OSError as exc:
+                log.warning("worker relay: sending to %s failed (%s)", peer.path.name, exc.strerror or exc)
+            peer.backlog.popleft()
+            peer.queued -= len(data)
+
+    async def _drain(self, peer: _Peer) -> None:
+        """Wait (without polling: the kernel wakes us) until the peer has room, and send again."""
+        try:
+            while peer.backlog and not peer.closed:
+                with anyio.move_on_after(self.drain_seconds) as waited:
+                    await anyio.wait_writable(peer.sock)
+                if waited.cancelled_caught:
+                    log.warning(
+                        "worker relay: %s took nothing for %.0f s; %d updates dropped",
+                        peer.path.name,
+                        self.drain_seconds,
+                        len(peer.backlog),
+                    )
+                    peer.backlog.clear()
+                    peer.queued = 0
+                    return
+                self._flush(peer)
+        except anyio.ClosedResourceError:
             pass
+        finally:
+            peer.draining = False
+            if peer.closed:
+                peer.sock.close()
+
+    def _forget(self, peer: _Peer, *, dead: bool = False) -> None:
+        self._peers.pop(peer.path.name, None)
+        peer.closed = True
+        peer.backlog.clear()
+        if peer.draining:  # its drain task closes the socket on its way out
+            anyio.notify_closing(peer.sock)
+        else:
+            peer.sock.close()
+        if dead:
+            _remove_dead(peer.path)
 
     # --- in ----------------------------------------------------------------------------------------
 
@@ -214,7 +324,10 @@ class Relay:
                 except OSError as exc:
                     log.warning("worker relay: receive failed (%s)", exc.strerror or exc)
                     break
-                self.deliver(data)
+                try:
+                    self.deliver(data)
+                except Exception:  # a bad datagram must never take the worker down
+                    log.exception("worker relay: could not deliver a received update")
 
     def deliver(self, data: bytes) -> bool:
         """Publish one received datagram here (never relayed further); False when dropped."""
@@ -226,8 +339,9 @@ class Relay:
         except ValidationError:
             log.warning("worker relay: dropped a datagram that is not a task record (%d bytes)", len(data))
             return False
-        if not is_valid_task_id(record.task_id):
-            log.warning("worker relay: dropped an update with an invalid task id")
+        times = (record.created_at, record.started_at, record.ended_at)
+        if not is_valid_task_id(record.task_id) or any(t is not None and t.tzinfo is None for t in times):
+            log.warning("worker relay: dropped an update with an invalid task id or time")
             return False
         events = self._events
         if events is None or not events.waiting(record.task_id):

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -64,7 +64,7 @@ async def woken(inbox: Subscription) -> TaskRecord | None:
     return inbox.take()
 
 
-def spy(directory: Path, name: str = "1-spy") -> socket.socket:
+def spy(directory: Path, name: str = "1-0000beef") -> socket.socket:
     """A bare socket in the relay directory: sees exactly what the relays send."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(os.fspath(directory / name))
@@ -115,6 +115,39 @@ async def test_a_dead_workers_socket_is_removed(tmp_path) -> None:
         assert stray.exists()  # only sockets nobody listens on are removed
 
 
+async def test_a_burst_larger_than_a_peers_queue_waits_for_room_instead_of_being_dropped(tmp_path) -> None:
+    a, b = TaskEvents(), TaskEvents()
+    ids = [f"task-{n}" for n in range(100)]
+    async with relays(tmp_path, a, b):
+        with ExitStack() as stack:
+            inboxes = [stack.enter_context(b.subscribe(task_id)) for task_id in ids]
+            for task_id in ids:  # all at once: B reads nothing until A is done, its queue holds ~10
+                a.publish(done(task_id))
+            for inbox, task_id in zip(inboxes, ids, strict=True):
+                assert await woken(inbox) == done(task_id)
+
+
+async def test_a_stuck_peer_loses_its_backlog_and_holds_up_no_one(tmp_path, caplog) -> None:
+    a, b = TaskEvents(), TaskEvents()
+    async with relays(tmp_path, a, b) as (relay_a, _):
+        relay_a.drain_seconds = 0.2
+        stuck = spy(relay_a.directory)  # bound, never read: a worker whose loop is wedged
+        try:
+            ids = [f"task-{n}" for n in range(40)]
+            with ExitStack() as stack:
+                inboxes = [stack.enter_context(b.subscribe(task_id)) for task_id in ids]
+                for task_id in ids:
+                    a.publish(done(task_id))
+                for inbox, task_id in zip(inboxes, ids, strict=True):
+                    assert await woken(inbox) == done(task_id)
+            with anyio.fail_after(10):
+                while "took nothing" not in caplog.text:
+                    await anyio.sleep(0.05)
+        finally:
+            stuck.close()
+    assert "1-0000beef took nothing" in caplog.text
+
+
 async def test_junk_oversized_and_foreign_datagrams_are_dropped(tmp_path, caplog) -> None:
     a, b = TaskEvents(), TaskEvents()
     caplog.set_level(logging.WARNING, logger="flux_mcp.relay")
@@ -129,6 +162,9 @@ async def test_junk_oversized_and_foreign_datagrams_are_dropped(tmp_path, caplog
                     b"[1, 2, 3]",
                     json.dumps({"task_id": "../../etc", "status": "completed"}).encode(),
                     json.dumps({"task_id": "task-1", "status": "exploded"}).encode(),
+                    json.dumps(
+                        {"task_id": "task-1", "status": "completed", "ended_at": "2026-01-01T00:00:00"}
+                    ).encode(),
                     json.dumps({"task_id": "task-1", "status": "completed", "pad": "x" * MAX_DATAGRAM}).encode(),
                     done("someone-elses-task").model_dump_json().encode(),  # nobody waits for it here
                 ):
@@ -138,7 +174,7 @@ async def test_junk_oversized_and_foreign_datagrams_are_dropped(tmp_path, caplog
         finally:
             sender.close()
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert len(dropped) == 5, dropped
+    assert len(dropped) == 6, dropped
     assert any("oversized" in line for line in dropped)
 
 
