@@ -1,12 +1,14 @@
 """Many generations at once over streamable HTTP: does one server carry them without stalling?
 
 Starts, each in its own process, the built-in PiAPI simulator (tasks take `--task-seconds`, 5 s by
-default) and `piapi-flux-mcp serve --transport http` against it (with `--workers N`, that many
-processes on one port), then, from this process, opens 10 client sessions and makes N
-`flux_txt2img` calls at once, spread over the sessions, while an eleventh session calls
-`flux_list_tasks` every 100 ms as a probe. For each N it prints:
+default; its images are plain PNGs of the asked size, drawn once, so that the stand-in stays cheap)
+and `piapi-flux-mcp serve --transport http` against it (with `--workers N`, that many processes on
+one port; give `--workers` twice to compare throughput side by side), then, from this process,
+opens 10 client sessions and makes N `flux_txt2img` calls at once, spread over the sessions, while
+an eleventh session calls `flux_list_tasks` every 100 ms as a probe. For each N it prints:
 
 - completed: calls that returned a completed task; wall: first call sent -> last call answered;
+  tasks/s: completed / wall (with short tasks, the throughput the server process(es) can carry);
 - server CPU / task: user+system CPU of the server process(es) during the run, per call;
 - peak RSS: the server's high-water mark (the largest worker's with --workers);
 - probe p50 / p99: latency of the cheap probe call under the load;
@@ -15,19 +17,22 @@ processes on one port), then, from this process, opens 10 client sessions and ma
 - simulator CPU: how busy the stand-in was (it keeps up while well under one core).
 
 The client here is a small JSON-RPC-over-HTTP client (initialize once per session, then
-`tools/call` POSTs reading the SSE answer, with a progress token as real clients send), kept lean
-so that the load generator is not what is measured. Everything runs on loopback. Linux only
+`tools/call` POSTs reading the SSE answer, with a progress token as real clients send): h11 on a
+connection per call, no pool, so that the load generator is not what is measured; the probe runs
+in a process of its own. Everything runs on loopback. Linux only
 (CPU and RSS are read from /proc).
 
     python bench/scale.py                  # N = 100, 300, 1000
     python bench/scale.py --quick          # N = 100, 300
-    python bench/scale.py -n 1000 --workers 2
+    python bench/scale.py -n 1000 --workers 1 --workers 2   # throughput of one and two processes
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -37,17 +42,16 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-import anyio
+import h11
 import httpx2
 
 from flux_mcp.catalog import Model
 from flux_mcp.simulator import PIAPI_LIKE_PROFILES
 
 SCHNELL = Model.SCHNELL.value
-# 512 px images: the simulator renders each one (40 ms of its CPU at 1024 px, 12 ms at 512 px), and
-# at 1,000 tasks 1024 px renders alone would make it the bottleneck.
-SIDE = 512
 
 SESSIONS = 10
 PROBE_INTERVAL = 0.1
@@ -98,26 +102,58 @@ def wait_for_http(url: str, patience: float = 30.0) -> None:
             time.sleep(0.1)
 
 
+async def http_post(host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+    """One POST on its own connection, read to the end: status, headers (lower-case) and body.
+
+    A load generator with a connection pool would spend its own CPU scanning a thousand open
+    connections on every request; h11 over a plain asyncio connection costs next to nothing."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        conn = h11.Connection(h11.CLIENT)
+        head = [("host", f"{host}:{port}"), ("content-length", str(len(body))), *headers.items()]
+        writer.write(conn.send(h11.Request(method="POST", target=path, headers=head)) + conn.send(h11.Data(data=body)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        status, answer_headers, chunks = 0, {}, []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                answer_headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return status, answer_headers, b"".join(chunks)
+    finally:
+        writer.close()
+
+
 class Session:
     """One MCP session over streamable HTTP (2025-11-25 handshake), kept deliberately thin."""
 
-    def __init__(self, http: httpx2.AsyncClient, url: str) -> None:
-        self.http, self.url, self.headers, self.next_id = http, url, dict(HEADERS), 0
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port, self.path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path
+        self.headers, self.next_id = dict(HEADERS), 0
 
     async def _post(self, message: dict) -> dict | None:
-        async with self.http.stream("POST", self.url, json=message, headers=self.headers) as response:
-            if "mcp-session-id" in response.headers:
-                self.headers["mcp-session-id"] = response.headers["mcp-session-id"]
-            if response.status_code == 202:
-                return None
-            response.raise_for_status()
-            if response.headers.get("content-type", "").startswith("application/json"):
-                return json.loads(await response.aread())
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    data = json.loads(line[5:])
-                    if data.get("id") == message.get("id"):
-                        return data
+        status, headers, body = await http_post(
+            self.host, self.port, self.path, self.headers, json.dumps(message).encode()
+        )
+        if "mcp-session-id" in headers:
+            self.headers["mcp-session-id"] = headers["mcp-session-id"]
+        if status == 202:
+            return None
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
+        if headers.get("content-type", "").startswith("application/json"):
+            return json.loads(body)
+        for line in body.decode().splitlines():
+            if line.startswith("data:"):
+                data = json.loads(line[5:])
+                if data.get("id") == message.get("id"):
+                    return data
         raise RuntimeError("no answer")
 
     async def open(self) -> None:
@@ -150,45 +186,51 @@ class Session:
         return answer["result"]
 
 
-async def run_load(mcp_url: str, n: int, run_id: str, include_image: str) -> dict:
-    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx2.Timeout(600.0)
-    async with httpx2.AsyncClient(limits=limits, timeout=timeout) as http:
-        sessions = [Session(http, mcp_url) for _ in range(SESSIONS + 1)]
-        for session in sessions:
-            await session.open()
-        probe, workers = sessions[0], sessions[1:]
-        answers: list[tuple[float, dict]] = []
-        probe_times: list[float] = []
-        done = anyio.Event()
+def probe_process(mcp_url: str, stop: Any, out: Any) -> None:
+    """In its own process, so the load generator's own work never shows up as server latency:
+    `flux_list_tasks` every PROBE_INTERVAL until `stop` is set; the latencies go to `out`."""
 
-        async def one(k: int) -> None:
-            arguments = {
-                "prompt": f"{run_id} call {k}",
-                "width": SIDE,
-                "height": SIDE,
-                "idempotency_key": f"{run_id}-{k}",
-                "include_image": include_image,
-            }
-            result = await workers[k % SESSIONS].call("flux_txt2img", arguments)
-            answers.append((time.time(), result))
+    async def probing() -> list[float]:
+        session = Session(mcp_url)
+        await session.open()
+        times: list[float] = []
+        while not stop.is_set():
+            started = time.perf_counter()
+            await session.call("flux_list_tasks", {"limit": 5})
+            times.append(time.perf_counter() - started)
+            await asyncio.sleep(max(0.0, PROBE_INTERVAL - (time.perf_counter() - started)))
+        return times
 
-        async def probing() -> None:
-            while not done.is_set():
-                started = time.perf_counter()
-                await probe.call("flux_list_tasks", {"limit": 5})
-                probe_times.append(time.perf_counter() - started)
-                with anyio.move_on_after(max(0.0, PROBE_INTERVAL - (time.perf_counter() - started))):
-                    await done.wait()
+    out.send(asyncio.run(probing()))
 
-        started = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(probing)
-            async with anyio.create_task_group() as calls:
-                for k in range(n):
-                    calls.start_soon(one, k)
-            wall = time.perf_counter() - started
-            done.set()
+
+async def run_load(mcp_url: str, n: int, run_id: str, include_image: str, side: int) -> dict:
+    sessions = [Session(mcp_url) for _ in range(SESSIONS)]
+    for session in sessions:
+        await session.open()
+    answers: list[tuple[float, dict]] = []
+
+    async def one(k: int) -> None:
+        arguments = {
+            "prompt": f"{run_id} call {k}",
+            "width": side,
+            "height": side,
+            "idempotency_key": f"{run_id}-{k}",
+            "include_image": include_image,
+        }
+        result = await sessions[k % SESSIONS].call("flux_txt2img", arguments)
+        answers.append((time.time(), result))
+
+    stop = multiprocessing.Event()
+    receive, send = multiprocessing.Pipe(duplex=False)
+    prober = multiprocessing.Process(target=probe_process, args=(mcp_url, stop, send), daemon=True)
+    prober.start()
+    started = time.perf_counter()
+    await asyncio.gather(*(one(k) for k in range(n)))
+    wall = time.perf_counter() - started
+    stop.set()
+    probe_times = receive.recv()
+    prober.join(10)
     overheads = []
     completed = 0
     for answered, result in answers:
@@ -208,7 +250,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def bench_one(n: int, args: argparse.Namespace, tmp: Path) -> dict:
+def bench_one(n: int, workers: int, args: argparse.Namespace, tmp: Path) -> dict:
     sim_port, port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "PIAPI_"))}
     sim = subprocess.Popen(
@@ -221,14 +263,17 @@ def bench_one(n: int, args: argparse.Namespace, tmp: Path) -> dict:
     try:
         sim_url = f"http://127.0.0.1:{sim_port}"
         wait_for_http(sim_url + "/_simulator/config")
+        # Plain images (one PNG per size, drawn once): drawing a labelled image per task would cost
+        # the simulator more CPU than the server spends on the whole task.
+        config: dict = {"plain_images": True}
         if args.task_seconds:
-            config = {"durations": {"Qubico/flux1-schnell": args.task_seconds}, "pending_seconds": 0.2}
-        else:  # PiAPI-like schnell timing for SIDE x SIDE (run time scales with pixels), repeatable
+            config |= {"durations": {SCHNELL: args.task_seconds}, "pending_seconds": 0.2}
+        else:  # PiAPI-like schnell timing for the size (run time scales with pixels), repeatable
             like = PIAPI_LIKE_PROFILES[SCHNELL]
-            profile = like.model_copy(update={"run_seconds": like.run_seconds * SIDE * SIDE / 1024**2})
-            config = {"profiles": {SCHNELL: profile.model_dump()}, "seed": 7}
+            profile = like.model_copy(update={"run_seconds": like.run_seconds * args.side**2 / 1024**2})
+            config |= {"profiles": {SCHNELL: profile.model_dump()}, "seed": 7}
         httpx2.post(sim_url + "/_simulator/config", json=config).raise_for_status()
-        run_dir = tmp / f"n{n}"
+        run_dir = tmp / f"n{n}-w{workers}"
         server_env = {
             **env,
             "PIAPI_API_KEY": "sim-key",
@@ -238,18 +283,18 @@ def bench_one(n: int, args: argparse.Namespace, tmp: Path) -> dict:
             "FLUX_MCP_WAIT_SECONDS": "600",
         }
         argv = [sys.executable, "-m", "flux_mcp", "serve", "--transport", "http", "--port", str(port)]
-        if args.workers > 1:
-            argv += ["--workers", str(args.workers)]
+        if workers > 1:
+            argv += ["--workers", str(workers)]
         argv = [*args.server_prefix.split(), *argv]
         server = subprocess.Popen(argv, env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_http(f"http://127.0.0.1:{port}/mcp")
-        time.sleep(1.0 if args.workers > 1 else 0.0)
+        time.sleep(1.0 if workers > 1 else 0.0)
         pids = process_tree(server.pid)
         cpu_before = sum(cpu_seconds(p) for p in pids)
         sim_before = cpu_seconds(sim.pid)
         url = f"http://127.0.0.1:{port}/mcp"
         client_before = time.process_time()
-        load = anyio.run(run_load, url, n, f"n{n}-{time.time_ns()}", args.include_image)
+        load = asyncio.run(run_load(url, n, f"n{n}-{time.time_ns()}", args.include_image, args.side))
         pids = [p for p in process_tree(server.pid) if Path(f"/proc/{p}").exists()]
         client_cpu = time.process_time() - client_before
         cpu = sum(cpu_seconds(p) for p in pids) - cpu_before
@@ -283,7 +328,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, action="append", help="concurrent calls (repeatable; default 100, 300, 1000)")
     parser.add_argument("--quick", action="store_true", help="N = 100 and 300 only")
-    parser.add_argument("--workers", type=int, default=1, help="server processes on the one port")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        action="append",
+        help="server processes on the one port (repeatable: each N is run with each, and throughput compared)",
+    )
     parser.add_argument(
         "--server-prefix",
         default="",
@@ -292,38 +342,51 @@ def main() -> None:
     parser.add_argument(
         "--include-image", choices=["thumbnail", "none"], default="thumbnail", help="what each call asks for"
     )
+    parser.add_argument("--side", type=int, default=512, help="image width and height in pixels (default 512)")
     parser.add_argument(
         "--task-seconds",
         type=float,
-        default=0.0,
-        help="fixed simulated task duration (default: PiAPI-like for the image size)",
+        default=5.0,
+        help="fixed simulated task duration (default 5; 0 = PiAPI-like schnell timing for the image size)",
     )
     args = parser.parse_args()
     sizes = args.n or ([100, 300] if args.quick else [100, 300, 1000])
+    worker_counts = args.workers or [1]
 
     print(
-        f"{'N':>5} {'completed':>9} {'wall':>7} {'CPU/task':>9} {'peak RSS':>9} {'probe p50':>9} {'probe p99':>9} "
-        f"{'overhead p50':>12} {'GETs/task':>9} {'simulator CPU':>13}"
+        f"{'N':>5} {'workers':>7} {'completed':>9} {'wall':>7} {'tasks/s':>7} {'CPU/task':>9} {'peak RSS':>9} "
+        f"{'probe p50':>9} {'probe p99':>9} {'overhead p50':>12} {'GETs/task':>9} {'simulator CPU':>13}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
-            r = bench_one(n, args, Path(tmp))
-            sim_share = r["sim_cpu"] / r["wall"]
-            print(
-                f"{n:>5} {r['completed']:>9} {r['wall']:>6.1f}s {r['cpu'] / n * 1000:>7.1f}ms {r['rss']:>7.0f}MB "
-                f"{percentile(r['probe'], 0.5) * 1000:>7.0f}ms {percentile(r['probe'], 0.99) * 1000:>7.0f}ms "
-                f"{percentile(r['overheads'], 0.5):>11.2f}s {r['gets_per_task']:>9.1f} "
-                f"{sim_share * 100:>6.0f}% core"
-                + ("" if sim_share < 0.7 else "  (simulator near its limit)")
-                + f"   [load generator {r['client_cpu'] / r['wall'] * 100:.0f}% core, "
-                f"server {r['cpu'] / r['wall'] * 100:.0f}% core]",
-                flush=True,
-            )
+            throughput: dict[int, float] = {}
+            for workers in worker_counts:
+                r = bench_one(n, workers, args, Path(tmp))
+                sim_share = r["sim_cpu"] / r["wall"]
+                throughput[workers] = r["completed"] / r["wall"]
+                print(
+                    f"{n:>5} {workers:>7} {r['completed']:>9} {r['wall']:>6.1f}s {throughput[workers]:>7.1f} "
+                    f"{r['cpu'] / n * 1000:>7.1f}ms {r['rss']:>7.0f}MB "
+                    f"{percentile(r['probe'], 0.5) * 1000:>7.0f}ms {percentile(r['probe'], 0.99) * 1000:>7.0f}ms "
+                    f"{percentile(r['overheads'], 0.5):>11.2f}s {r['gets_per_task']:>9.1f} "
+                    f"{sim_share * 100:>6.0f}% core"
+                    + ("" if sim_share < 0.7 else "  (simulator near its limit)")
+                    + f"   [load generator {r['client_cpu'] / r['wall'] * 100:.0f}% core, "
+                    f"server {r['cpu'] / r['wall'] * 100:.0f}% core]",
+                    flush=True,
+                )
+            first = worker_counts[0]
+            for workers in worker_counts[1:]:
+                print(
+                    f"      N = {n}: {workers} workers carry {throughput[workers] / throughput[first]:.2f}x "
+                    f"the throughput of {first}",
+                    flush=True,
+                )
+    timing = f"tasks {args.task_seconds:g} s" if args.task_seconds else "PiAPI-like schnell timing for that size"
     print(
-        f"server: piapi-flux-mcp serve --transport http, {args.workers} worker(s); include_image={args.include_image}; "
-        + f"{SIDE}x{SIDE} px, "
-        + (f"tasks {args.task_seconds:g} s" if args.task_seconds else "PiAPI-like schnell timing for that size")
-        + f" in the simulator (its own process); {SESSIONS} client sessions + 1 probe session; loopback. "
+        f"server: piapi-flux-mcp serve --transport http; include_image={args.include_image}; "
+        f"{args.side}x{args.side} px, {timing} in the simulator (its own process, plain images drawn once per "
+        f"size); {SESSIONS} client sessions + 1 probe session; loopback. tasks/s = completed / wall. "
         "Simulator CPU well under 100% of a core = it kept up."
     )
 

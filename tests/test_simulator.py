@@ -159,6 +159,20 @@ async def test_different_prompts_give_different_images(client: httpx2.AsyncClien
 
 
 @pytest.mark.anyio
+async def test_plain_images_for_load_tests_are_one_cached_png_per_size(
+    client: httpx2.AsyncClient, sim: RunningSimulator, clock: ManualClock
+) -> None:
+    assert (await client.post("/_simulator/config", json={"plain_images": True})).status_code == 200
+    tasks = [await create(client, schnell(p, batch_size=2)) for p in ("a lighthouse", "a bowl of ramen")]
+    clock.advance(5)
+    urls = [url for t in tasks for url in (await fetch(client, t["task_id"]))["output"]["image_urls"]]
+    bodies = {(await download(url)).content for url in urls}
+    assert len(urls) == 4 and len(bodies) == 1
+    with Image.open(io.BytesIO(bodies.pop())) as image:
+        assert image.format == "PNG" and image.size == (256, 256)
+
+
+@pytest.mark.anyio
 async def test_config_and_sizes_from_input_images(client: httpx2.AsyncClient, clock: ManualClock) -> None:
     body = {
         "model": "Qubico/flux1-dev-advanced",

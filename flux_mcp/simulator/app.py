@@ -114,7 +114,11 @@ async def ensure_rendered(state: SimulatorState, task: SimTask) -> None:
     async with task.render_lock:
         if task.rendered or task.expired:
             return
-        images = await anyio.to_thread.run_sync(render_task_images, task.request, task.task_id)
+        plain = state.config.plain_images
+        if plain:  # drawn once per size and cached: no thread needed
+            images = render_task_images(task.request, task.task_id, plain=True)
+        else:
+            images = await anyio.to_thread.run_sync(render_task_images, task.request, task.task_id)
         for name, data in zip(task.file_names(), images, strict=True):
             state.files[name] = data
         task.rendered = True

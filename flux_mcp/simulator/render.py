@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import logging
@@ -120,8 +121,19 @@ def render_png(prompt: str, task_id: str, index: int, width: int, height: int) -
     return out.getvalue()
 
 
-def render_task_images(request: TaskRequest, task_id: str) -> list[bytes]:
+@functools.lru_cache(maxsize=16)
+def plain_png(width: int, height: int) -> bytes:
+    """A one-colour PNG of this size, made once: for load tests, where drawing each image would
+    make the simulator the bottleneck (see `SimulatorConfig.plain_images`)."""
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 160)).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def render_task_images(request: TaskRequest, task_id: str, *, plain: bool = False) -> list[bytes]:
     """All output images of a task, one per `batch_size`."""
     width, height = output_size(request)
+    if plain:
+        return [plain_png(width, height)] * request.image_count
     prompt = request.input.prompt
     return [render_png(prompt, task_id, n, width, height) for n in range(request.image_count)]

@@ -111,6 +111,9 @@ class SimulatorConfig(BaseModel):
     webhook_attempts: int = Field(default=3, ge=1, le=10)
     webhook_retry_seconds: float = Field(default=5.0, ge=0)
     webhook_latency: float = Field(default=0.0, ge=0)
+    # Every image a plain one-colour PNG of the right size, drawn once per size: for load tests,
+    # where drawing each labelled image (12-40 ms of CPU) would make the simulator the bottleneck.
+    plain_images: bool = False
 
     @field_validator("profiles")
     @classmethod
