@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -180,10 +180,15 @@ class PollPlanner:
 
     `to_local` maps a PiAPI timestamp onto the monotonic clock through the wall clock, corrected
     by the offset between PiAPI's clock and ours measured at our own creates (`note_created`).
+    Each create pins that offset only to within half its round trip, and a busy moment (a burst of
+    creates, a loaded machine) stretches round trips to hundreds of milliseconds, more on the
+    way back than on the way in: so, as NTP does, the offset is taken from the create with the
+    shortest round trip among the last `CLOCK_SAMPLES`, not from the latest one.
     Per-task state is bounded (the most recent `MAX_TASKS`).
     """
 
     MAX_TASKS = 1024
+    CLOCK_SAMPLES = 32
 
     def __init__(
         self,
@@ -198,6 +203,7 @@ class PollPlanner:
         self._clock = clock
         self._wall = wall
         self._skew = 0.0  # PiAPI's clock minus ours, seconds
+        self._clock_samples: deque[tuple[float, float]] = deque(maxlen=self.CLOCK_SAMPLES)  # (round trip, skew)
         self._spent: OrderedDict[str, int] = OrderedDict()
         self._kinds: OrderedDict[str, TaskKind] = OrderedDict()
 
@@ -211,7 +217,9 @@ class PollPlanner:
         """A create we sent between `sent_wall` and `answered_wall` (our wall clock) was stamped
         `record.created_at` by PiAPI: that pins PiAPI's clock against ours."""
         if record.created_at is not None:
-            self._skew = record.created_at.timestamp() - (sent_wall + answered_wall) / 2
+            round_trip = max(0.0, answered_wall - sent_wall)
+            self._clock_samples.append((round_trip, record.created_at.timestamp() - (sent_wall + answered_wall) / 2))
+            self._skew = min(self._clock_samples, key=lambda sample: sample[0])[1]
         self._remember(self._kinds, record.task_id, kind)  # type: ignore[arg-type]
 
     def kind_of(self, task_id: str) -> TaskKind | None:

@@ -189,6 +189,34 @@ async def test_still_pending_means_the_run_has_not_started():
     assert due >= 9.0 + 17  # at least most of a run is still ahead
 
 
+def test_piapis_clock_is_read_through_the_create_with_the_shortest_round_trip():
+    """A create pins PiAPI's clock only to within half its round trip; a burst of slow, lopsided
+    round trips (answers queued on a busy machine) must not drag the estimate after it."""
+    time = FakeTime()
+    planner = planner_for(time)
+    ahead = 0.5  # PiAPI's clock runs this far ahead of ours
+    wall = EPOCH.timestamp()
+
+    def create(sent: float, stamped: float, answered: float) -> None:
+        record = TaskRecord(task_id="t", status="pending", created_at=EPOCH + timedelta(seconds=stamped + ahead))
+        planner.note_created(record, DEV, sent_wall=wall + sent, answered_wall=wall + answered)
+
+    def offset_seen() -> float:  # how far ahead of our clock a PiAPI moment is placed
+        return planner.to_local(EPOCH) - time.now
+
+    create(sent=0.0, stamped=0.01, answered=0.02)  # a quick one: pins the offset to +-10 ms
+    assert offset_seen() == pytest.approx(-ahead, abs=0.01)
+    for k in range(10):  # then slow, lopsided ones: stamped soon after sending, answered late
+        create(sent=1.0 + k, stamped=1.02 + k, answered=1.4 + k)
+    assert offset_seen() == pytest.approx(-ahead, abs=0.01)  # the latest alone would say 180 ms off
+    for k in range(planner.CLOCK_SAMPLES):  # the quick one ages out: the best of the recent ones rules
+        create(sent=20.0 + k, stamped=20.05 + k, answered=20.1 + k)
+    assert offset_seen() == pytest.approx(-ahead, abs=0.01)
+    for k in range(planner.CLOCK_SAMPLES):  # PiAPI's clock steps 2 s ahead: followed once the old samples age out
+        create(sent=60.0 + k, stamped=60.05 + k + 2.0, answered=60.1 + k)
+    assert offset_seen() == pytest.approx(-ahead - 2.0, abs=0.01)
+
+
 # --- budget, tail and bounds -----------------------------------------------------------------
 
 
