@@ -14,16 +14,18 @@ Where the polls go is a `Schedule`:
 - `LearnedSchedule` (the default, built by `PollPlanner`): from the kind's queue and run
   distributions (`flux_mcp.timing`), conditioned on what is known now (still pending some time
   after `created_at`, or processing since `started_at`), the remaining polls of a per-task GET
-  budget go at equal steps of completion probability up to the 97th percentile, which is where
-  they detect completion soonest for their number. Past that (an outlier, or the budget spent)
-  the tail polls at growing intervals from a floor, so a task far past its expected end slows
-  down instead of hammering PiAPI. While a kind has no learned samples yet (the priors only),
-  the budget is one GET per `COLD_SECONDS_PER_GET` of expected time, and no gap is longer than
-  the task's age (twice it for kinds expected to take over 10 s; at least `COLD_GAP_SECONDS`,
-  less on a backend seen to run faster than the priors), so a backend far faster than the prior
-  is still noticed soon. A kind with no estimate at all uses `FALLBACK`, a capped
-  geometric schedule. With push delivery, polling is a sparse safety net: one poll near the 90th
-  percentile, then the tail (a gap of at least `COLD_PUSH_GAP_SECONDS` while cold).
+  budget go at equal steps of completion probability up to the 98th percentile, which is where
+  they detect completion soonest for their number. Short kinds get up to 1.5x the budget
+  (`planned_budget`): our own fixed work on each result is a larger share of their wait. Past
+  that (an outlier, or the budget spent) the tail polls at growing intervals from a floor, so a
+  task far past its expected end slows down instead of hammering PiAPI. While a kind has no
+  learned samples yet (the priors only), the budget is one GET per `COLD_SECONDS_PER_GET` of
+  expected time, and no gap is longer than the task's age (twice it for kinds expected to take
+  over 10 s; at least `COLD_GAP_SECONDS`, less on a backend seen to run faster than the priors),
+  so a backend far faster than the prior is still noticed soon. A kind with no estimate at all
+  uses `FALLBACK`, a capped geometric schedule. With push delivery, polling is a sparse safety
+  net: one poll near the 90th percentile, then the tail (a gap of at least
+  `COLD_PUSH_GAP_SECONDS` while cold).
 - `PolicySchedule`: a plain interval policy (`BackoffPolicy`), for tests and callers that want
   fixed behaviour.
 
@@ -66,6 +68,9 @@ P_PUSH = 0.9  # with push delivery, the one safety-net poll
 COLD_SECONDS_PER_GET = 3.0
 COLD_GAP_SECONDS = 2.0
 COLD_PUSH_GAP_SECONDS = 4.0
+OWN_SECONDS = 0.05  # our own work on every result, whatever the task: the GET's round trip, saving, the thumbnail
+LAG_SHARE = 0.03  # the detection lag aimed at, as a share of the expected duration
+MAX_BUDGET_FACTOR = 1.5
 _STATUS_RANK = {"pending": 0, "processing": 1}
 
 
@@ -237,8 +242,11 @@ class PollPlanner:
     def schedule(self, task_id: str, kind: TaskKind | None, *, push: bool = False) -> LearnedSchedule:
         estimate = self.stats.estimate(kind) if kind is not None else None
         budget = self.budget
-        if estimate is not None and not estimate.learned:
-            budget = min(budget, max(2, math.ceil(estimate.expected_total() / COLD_SECONDS_PER_GET)))
+        if estimate is not None:
+            if estimate.learned:
+                budget = planned_budget(budget, estimate.expected_total())
+            else:
+                budget = min(budget, max(2, math.ceil(estimate.expected_total() / COLD_SECONDS_PER_GET)))
         return LearnedSchedule(
             estimate=estimate,
             budget=budget,
@@ -259,6 +267,17 @@ class PollPlanner:
         if kind is not None:
             self.stats.learn(kind, record)
         self._spent.pop(task_id, None)
+
+
+def planned_budget(budget: int, expected: float) -> int:
+    """Planned GETs for a learned kind expected to take `expected` seconds. N polls spread where a
+    kind usually ends detect it after a share of its duration, which is also what the wait beyond
+    the task can reasonably be; but our own work on each result (`OWN_SECONDS`) does not shrink
+    with the task, and eats more of a short task's share. So a short task gets more polls, placed
+    closer together: budget x (1 + OWN_SECONDS / (LAG_SHARE x expected)), at most
+    `MAX_BUDGET_FACTOR` times the budget (x1.4 for a ~4 s task, x1.05 for a ~33 s one)."""
+    factor = 1 + OWN_SECONDS / (LAG_SHARE * max(expected, OWN_SECONDS))
+    return math.floor(budget * min(MAX_BUDGET_FACTOR, factor))
 
 
 # --- the wait ------------------------------------------------------------------------------------

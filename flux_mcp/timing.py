@@ -5,7 +5,8 @@ A task's life at PiAPI has two phases with different uncertainty: the queue (`me
 on the model, the pixel count and the batch size, and varies little). `TimingStats` keeps both per
 `TaskKind` (model, task type, pixel-count bucket, batch size), from PiAPI's `meta` timestamps only,
 never from when we happened to poll, and fits each phase with a log-normal distribution (robustly:
-median and trimmed spread of the logs, widened for few samples).
+outliers trimmed, and the spread pooled with the prior's, which weighs one sample, so a few
+samples that agree by chance do not make it overconfident).
 
 - Cold start: built-in priors per model (PiAPI's docs show a dev-advanced task at ~1.2 s queued +
   ~31.5 s running; schnell and dev take ~4 s and ~20 s), scaled by pixel count and batch size,
@@ -80,7 +81,7 @@ class LogNormal:
 
     @classmethod
     def from_mean(cls, mean: float, spread: float) -> LogNormal:
-        sigma = math.sqrt(math.log1p(spread * spread))
+        sigma = _log_sigma(spread)
         return cls(math.log(mean) - sigma * sigma / 2, sigma)
 
     def cdf(self, x: float) -> float:
@@ -115,6 +116,7 @@ PRIORS: dict[str, Prior] = {
 PRIOR_QUEUE_SPREAD = 1.0
 MAX_PACE = 20.0  # the priors are scaled by the observed pace, within 1/20 .. 20 times
 PRIOR_RUN_SPREAD = 0.25
+PRIOR_WEIGHT = 1.0  # how many samples' worth the prior's spread weighs once a kind has its own
 
 
 @dataclass(frozen=True)
@@ -164,20 +166,27 @@ class Estimate:
         return hi
 
 
-def _fit(samples: Iterable[float], prior: LogNormal | None) -> LogNormal | None:
+def _fit(samples: Iterable[float], prior_spread: float) -> LogNormal:
+    """The predictive log-normal of the next sample, from recent ones: the mean of their logs
+    (outliers beyond 4 robust deviations of the median dropped), and a spread that pools their
+    squared deviations with `PRIOR_WEIGHT` pseudo-samples at the prior's spread (a Bayesian
+    update of the variance), times sqrt(1 + 1/n) for the uncertain mean. A handful of samples that
+    happen to agree closely thus does not make the schedule overconfident (too narrow a fit lets a
+    third of a batch finish before its first poll), while 64 of them speak for themselves."""
     logs = sorted(math.log(max(s, 1e-3)) for s in samples)
-    if not logs:
-        return prior
     centre = statistics.median(logs)
     mad = statistics.median(abs(x - centre) for x in logs) * 1.4826
-    # Drop outliers (beyond 4 robust deviations) before measuring the spread.
     kept = [x for x in logs if abs(x - centre) <= 4 * max(mad, MIN_SIGMA)] or logs
     n = len(kept)
-    if n < 2:
-        return LogNormal(centre, max(MIN_SIGMA, mad)) if prior is None else prior
-    # The predictive spread of the next sample, widened for few samples (n=5: x1.3).
-    sigma = max(MIN_SIGMA, statistics.stdev(kept) * math.sqrt(1 + 1 / n) * (1 + 2 / n))
-    return LogNormal(statistics.fmean(kept), sigma)
+    mean = statistics.fmean(kept)
+    squares = sum((x - mean) ** 2 for x in kept)
+    variance = (PRIOR_WEIGHT * _log_sigma(prior_spread) ** 2 + squares) / (PRIOR_WEIGHT + n - 1)
+    return LogNormal(mean, max(MIN_SIGMA, math.sqrt(variance * (1 + 1 / n))))
+
+
+def _log_sigma(spread: float) -> float:
+    """The log-space sigma of a log-normal whose coefficient of variation is `spread`."""
+    return math.sqrt(math.log1p(spread * spread))
 
 
 @dataclass(frozen=True)
@@ -246,9 +255,8 @@ class TimingStats:
         prior = self._priors.get(kind.model)
         samples = list(self._samples.get(kind, ()))
         if len(samples) >= MIN_SAMPLES:
-            queue = _fit((s.queue for s in samples), None)
-            run = _fit((s.run for s in samples), None)
-            assert queue is not None and run is not None
+            queue = _fit((s.queue for s in samples), PRIOR_QUEUE_SPREAD)
+            run = _fit((s.run for s in samples), PRIOR_RUN_SPREAD)
             return Estimate(queue=queue, run=run, samples=len(samples))
         if prior is None:
             return None

@@ -6,6 +6,9 @@ sleeps measured from the schedule, learning from and persisting to the ledger, a
 from __future__ import annotations
 
 import itertools
+import math
+import random
+import statistics
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from flux_mcp.ledger import TaskLedger
 from flux_mcp.polling import (
     COLD_GAP_SECONDS,
+    MAX_BUDGET_FACTOR,
     MIN_GAP_SECONDS,
     TAIL_CAP_SECONDS,
     TAIL_FLOOR_SECONDS,
@@ -28,6 +32,7 @@ pytestmark = pytest.mark.anyio
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 DEV = TaskKind.of("Qubico/flux1-dev", "txt2img", {"width": 1024, "height": 1024})
+SCHNELL = TaskKind.of("Qubico/flux1-schnell", "txt2img", {"width": 1024, "height": 1024})
 
 
 class FakeTime:
@@ -115,6 +120,50 @@ async def test_a_learned_kind_polls_around_its_usual_end_and_detects_it_quickly(
     assert all(at >= 15 for at in task.gets)  # nothing wasted early: the run alone takes ~20 s
     assert len(task.gets) <= planner.budget
     assert time.now - task.ends < 0.5
+
+
+async def test_a_short_kind_gets_more_polls_closer_together_and_finds_its_end_within_50_ms():
+    """Our own work on a result costs the same on any task, so a short task gets up to 1.5x the
+    budget, where it is likely to end; a long one keeps the budget. Checked on a fake clock over a
+    seeded batch of ~4 s tasks (queue ~0.5 s, run ~3.5 s +- 10 %) after 5 warm-ups each."""
+    rng = random.Random(7)
+
+    def draw() -> tuple[float, float]:
+        return rng.lognormvariate(math.log(0.45), 0.47), rng.lognormvariate(math.log(3.5), 0.1)
+
+    lags, gets = [], []
+    for _ in range(10):
+        time = FakeTime()
+        planner = planner_for(time)
+        for _ in range(5):
+            queue, seconds = draw()
+            planner.stats.add(SCHNELL, Sample(queue=queue, run=seconds))
+        long = planner_for(time)
+        learned(long, DEV, [32.0, 33.0, 34.0])
+        assert planner.budget < planner.schedule("t", SCHNELL).budget <= MAX_BUDGET_FACTOR * planner.budget
+        assert long.schedule("t", DEV).budget <= planner.budget + 1
+        for _ in range(5):
+            time.now = 0.0
+            task = FakeTask(time, *draw())
+            await run(planner, task, SCHNELL)
+            planner.learn("t", task.record())  # forgets the task's GET count
+            lags.append(time.now - task.ends)
+            gets.append(len(task.gets))
+    assert statistics.median(lags) <= 0.05
+    assert statistics.fmean(gets) <= 12 and max(gets) <= MAX_BUDGET_FACTOR * planner.budget + 2
+    assert sorted(lags)[int(0.9 * len(lags))] <= 0.25  # and the tenth that ends far out is not abandoned
+
+
+def test_a_few_samples_that_agree_by_chance_do_not_make_the_fit_overconfident():
+    stats = TimingStats()
+    for seconds in [20.0, 20.01, 20.02, 20.01, 20.0]:
+        stats.add(DEV, Sample(queue=1.0, run=seconds))
+    few = stats.estimate(DEV)
+    assert few is not None and few.learned and few.run.sigma >= 0.1  # PiAPI varies more than five samples show
+    for i in range(MAX_SAMPLES):
+        stats.add(DEV, Sample(queue=1.0, run=20.0 + (i % 3) * 0.01))
+    many = stats.estimate(DEV)
+    assert many is not None and many.run.sigma <= 0.05 + 1e-9  # many samples speak for themselves
 
 
 async def test_a_cold_known_kind_uses_its_prior_and_a_small_budget():
