@@ -37,24 +37,29 @@ import argparse
 import contextlib
 import logging
 import statistics
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 from anyio.abc import TaskGroup
 from mcp import Client
 
 from flux_mcp.http_app import build_http_app
 from flux_mcp.polling import BackoffPolicy, PollPolicy
+from flux_mcp.record import parse_time
 from flux_mcp.server import ServerOptions, create_server
 from flux_mcp.settings import Settings
 from flux_mcp.simulator import (
+    DEFAULT_API_KEY,
     PIAPI_LIKE_PROFILES,
-    RunningSimulator,
     SimTask,
+    SimulatorState,
     bind_socket,
     running_app,
     running_simulator,
@@ -98,6 +103,32 @@ POLICIES = [
 ]
 
 
+@dataclass(frozen=True)
+class Sim:
+    """Where the simulator answers, and how to read back what it did (over its admin routes)."""
+
+    base_url: str
+    api_key: str = DEFAULT_API_KEY
+
+    async def finished(self, task_ids: list[str]) -> dict[str, tuple[float, int, list[float]]]:
+        """Per task: when it ended (wall clock), the GETs it got, and when its completion webhooks
+        were sent (monotonic clock)."""
+        async with httpx2.AsyncClient(base_url=self.base_url, timeout=30) as http:
+            tasks = (await http.get("/_simulator/tasks")).json()
+            log = (await http.get("/_simulator/log")).json()
+            webhooks = (await http.get("/_simulator/webhooks")).json()
+        wanted = set(task_ids)
+        out: dict[str, tuple[float, int, list[float]]] = {}
+        for task in tasks:
+            if task["task_id"] in wanted:
+                ended = parse_time(task["meta"]["ended_at"])
+                assert ended is not None, task["status"]
+                gets = sum(1 for e in log if e["method"] == "GET" and e["task_id"] == task["task_id"])
+                sent = [w["sent"] for w in webhooks if w["task_id"] == task["task_id"] and w["status"] == "completed"]
+                out[task["task_id"]] = (ended.timestamp(), gets, sent)
+        return out
+
+
 @dataclass
 class Measured:
     overheads: list[float] = field(default_factory=list)
@@ -106,7 +137,7 @@ class Measured:
 
 
 @contextlib.asynccontextmanager
-async def connect(sim: RunningSimulator, policy: Policy, model: str, folder: Path) -> AsyncIterator[Client]:
+async def connect(sim: Sim, policy: Policy, model: str, folder: Path) -> AsyncIterator[Client]:
     settings = Settings(
         api_key=sim.api_key,
         base_url=sim.base_url,
@@ -127,14 +158,15 @@ async def connect(sim: RunningSimulator, policy: Policy, model: str, folder: Pat
         yield client
 
 
-async def generate(client: Client, model: str, prompt: str) -> tuple[str, float]:
+async def generate(client: Client, model: str, prompt: str) -> tuple[str, float, float]:
+    """The task id, and when the call returned on the wall and the monotonic clocks."""
     args = {"prompt": prompt, "model": model, "width": 1024, "height": 1024}
     result = await client.call_tool("flux_txt2img", args)
-    returned = anyio.current_time()
+    returned = time.time(), time.monotonic()
     body: dict[str, Any] = result.structured_content or {}
     if body.get("status") != "completed":
         raise RuntimeError(f"a task did not complete: {body.get('status')} {body.get('error')}")
-    return str(body["task_id"]), returned
+    return str(body["task_id"]), *returned
 
 
 async def warm_up(client: Client, model: str, count: int) -> None:
@@ -160,7 +192,7 @@ class Start:
 
 
 async def run_policy(
-    sim: RunningSimulator,
+    sim: Sim,
     policy: Policy,
     model: str,
     args: argparse.Namespace,
@@ -168,7 +200,7 @@ async def run_policy(
     out: Measured,
     start: Start,
 ) -> None:
-    results: list[tuple[str, float]] = []
+    results: list[tuple[str, float, float]] = []
     # Every policy runs its warm-ups (the cold one against a throwaway ledger, so it measures with an
     # empty one); then the measured batches start one after another.
     with tempfile.TemporaryDirectory(dir=root) as folder:
@@ -187,10 +219,11 @@ async def run_policy(
             async with anyio.create_task_group() as tg:
                 for i in range(args.tasks):
                     tg.start_soon(one, i)
-    for task_id, returned in results:
-        out.overheads.append(returned - sim.state.tasks[task_id].ends)
-        out.gets.append(sum(1 for e in sim.state.log if e["method"] == "GET" and e["task_id"] == task_id))
-        sent = [w["sent"] for w in sim.state.webhook_log if w["task_id"] == task_id and w["status"] == "completed"]
+    finished = await sim.finished([task_id for task_id, _, _ in results])
+    for task_id, returned_wall, returned in results:
+        ended, gets, sent = finished[task_id]
+        out.overheads.append(returned_wall - ended)
+        out.gets.append(gets)
         if sent:
             out.after_push.append(returned - min(sent))
 
@@ -207,10 +240,8 @@ def ms(seconds: float) -> str:
 async def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.ERROR)
     chosen = dict(list(PROFILES.items())[:1]) if args.quick else PROFILES
-    async with running_simulator() as sim, anyio.create_task_group() as renders:
-        prerender(sim, renders)
-        profiles_config = {m: PIAPI_LIKE_PROFILES[m].model_dump() for m in PROFILES.values()}
-        sim.state.configure(profiles=profiles_config, seed=args.seed)
+    simulator = simulator_here(args.seed) if args.in_process else simulator_process(args.seed)
+    async with simulator as sim:
         with tempfile.TemporaryDirectory() as root:
             for label, model in chosen.items():
                 measured = {policy.name: Measured() for policy in POLICIES}
@@ -219,20 +250,62 @@ async def main(args: argparse.Namespace) -> None:
                     for policy in POLICIES:
                         tg.start_soon(run_policy, sim, policy, model, args, Path(root), measured[policy.name], start)
                 report(label, model, args, measured)
+
+
+@contextlib.asynccontextmanager
+async def simulator_here(seed: int) -> AsyncIterator[Sim]:
+    """The simulator on this process's event loop, configured for the bench."""
+    async with running_simulator() as sim, anyio.create_task_group() as renders:
+        prerender(sim.state, renders)
+        profiles_config = {m: PIAPI_LIKE_PROFILES[m].model_dump() for m in PROFILES.values()}
+        sim.state.configure(profiles=profiles_config, seed=seed)
+        yield Sim(sim.base_url, sim.api_key)
         renders.cancel_scope.cancel()
 
 
-def prerender(sim: RunningSimulator, renders: TaskGroup) -> None:
+@contextlib.asynccontextmanager
+async def simulator_process(seed: int) -> AsyncIterator[Sim]:
+    """The simulator in a child process (this script with `--serve-simulator`); it prints its URL
+    and serves until its stdin closes, so it never outlives this process."""
+    async with await anyio.open_process(
+        [sys.executable, __file__, "--serve-simulator", "--seed", str(seed)], stderr=None
+    ) as child:
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            line = b""
+            with anyio.fail_after(30):
+                while not line.endswith(b"\n"):
+                    line += await child.stdout.receive()
+            if not line.startswith(b"http"):
+                raise RuntimeError(f"the simulator did not start: {line!r}")
+            yield Sim(line.decode().strip())
+        finally:
+            with anyio.CancelScope(shield=True):
+                await child.stdin.aclose()
+                with anyio.move_on_after(10):
+                    await child.wait()
+                if child.returncode is None:
+                    child.kill()
+                    await child.wait()
+
+
+async def serve_simulator(seed: int) -> None:
+    async with simulator_here(seed) as sim:
+        print(sim.base_url, flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+
+
+def prerender(state: SimulatorState, renders: TaskGroup) -> None:
     """The simulator renders each task's PNG while it runs, as PiAPI would, instead of inside the
     first GET that sees it completed: that CPU time is PiAPI's, not part of anyone's overhead."""
-    create = sim.state.create_task
+    create = state.create_task
 
     def create_and_render(*args: Any, **kwargs: Any) -> SimTask:
         task = create(*args, **kwargs)
-        renders.start_soon(ensure_rendered, sim.state, task)
+        renders.start_soon(ensure_rendered, state, task)
         return task
 
-    sim.state.create_task = create_and_render  # type: ignore[method-assign]
+    state.create_task = create_and_render  # type: ignore[method-assign]
 
 
 def report(label: str, model: str, args: argparse.Namespace, measured: dict[str, Measured]) -> None:
@@ -261,4 +334,7 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", type=int, default=15, help="concurrent tasks per policy and profile")
     parser.add_argument("--warmups", type=int, default=5, help="tasks of the same kind before measuring")
     parser.add_argument("--seed", type=int, default=1, help="seeds the simulated durations")
-    anyio.run(main, parser.parse_args())
+    parser.add_argument("--in-process", action="store_true", help="run the simulator on this process's event loop")
+    parser.add_argument("--serve-simulator", action="store_true", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    anyio.run(serve_simulator, arguments.seed) if arguments.serve_simulator else anyio.run(main, arguments)
