@@ -268,10 +268,8 @@ def bench_one(n: int, workers: int, args: argparse.Namespace, tmp: Path) -> dict
         config: dict = {"plain_images": True}
         if args.task_seconds:
             config |= {"durations": {SCHNELL: args.task_seconds}, "pending_seconds": 0.2}
-        else:  # PiAPI-like schnell timing for the size (run time scales with pixels), repeatable
-            like = PIAPI_LIKE_PROFILES[SCHNELL]
-            profile = like.model_copy(update={"run_seconds": like.run_seconds * args.side**2 / 1024**2})
-            config |= {"profiles": {SCHNELL: profile.model_dump()}, "seed": 7}
+        else:  # PiAPI-like schnell timing (the simulator scales the run by pixels: side x side), repeatable
+            config |= {"profiles": {SCHNELL: PIAPI_LIKE_PROFILES[SCHNELL].model_dump()}, "seed": 7}
         httpx2.post(sim_url + "/_simulator/config", json=config).raise_for_status()
         run_dir = tmp / f"n{n}-w{workers}"
         server_env = {

@@ -81,6 +81,24 @@ async def test_profile_draws_a_queue_then_a_run_and_meta_times_match(manual) -> 
     assert (done.ended_at - done.started_at).total_seconds() == pytest.approx(total - queued, abs=1e-5)
 
 
+async def test_the_run_takes_longer_for_more_pixels_and_more_images_as_at_piapi(manual) -> None:
+    """A profile's run time is for one 1024x1024 image; the poll planner's priors scale the same way."""
+    sim, _, http = manual
+    fixed = {"queue_seconds": 0.5, "run_seconds": 4, "queue_spread": 0, "run_spread": 0}
+    sim.state.configure(profiles={"schnell": fixed})
+
+    async def run_seconds(**size: int) -> float:
+        request = {"model": "Qubico/flux1-schnell", "task_type": "txt2img", "input": {"prompt": "a fox", **size}}
+        task = sim.state.tasks[(await create(http, request))["task_id"]]
+        assert task.pending_seconds == 0.5
+        return task.duration - task.pending_seconds
+
+    assert await run_seconds(width=1024, height=1024) == pytest.approx(4.0)
+    assert await run_seconds(width=512, height=512) == pytest.approx(1.0)
+    assert await run_seconds(width=1024, height=1024, batch_size=2) == pytest.approx(8.0)
+    assert await run_seconds() == pytest.approx(4.0)  # no size given: PiAPI's default 1024x1024
+
+
 def test_profiles_are_seedable_and_spread_like_their_parameters() -> None:
     def draws(seed: int) -> list[tuple[float, float]]:
         state = SimulatorState(clock=ManualClock())

@@ -10,7 +10,9 @@ A task's queue and run times are drawn when it is created, like a real queue tha
 accepted the job: by default a fixed `pending_seconds` and a fixed per-model total `durations`;
 with a `TimingProfile` for its model, a queue time and a run time drawn from log-normal
 distributions (mean and coefficient of variation each) by a seedable random generator, so the
-same seed replays the same workload. `PIAPI_LIKE_PROFILES` are durations of the size PiAPI's
+same seed replays the same workload; as at PiAPI, the run takes longer for more pixels and more
+images (a profile's `run_seconds` is for one 1024x1024 image, scaled linearly by the output's
+pixel count and the batch size). `PIAPI_LIKE_PROFILES` are durations of the size PiAPI's
 docs and users report (~4 s schnell, ~20 s dev, ~33 s dev-advanced). Wall-clock timestamps for
 `meta` (`created_at`, `started_at`, `ended_at`) are the creation time plus clock offsets, so
 they always match the statuses. Faults are small records with a remaining count; the HTTP layer
@@ -31,6 +33,7 @@ from typing import Any, Literal, TypedDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flux_mcp.catalog import PRICE_PER_IMAGE_USD, Model, TaskRequest
+from flux_mcp.simulator.render import output_size
 
 Phase = Literal["pending", "processing", "completed", "failed", "cancelled"]
 StatusStyle = Literal["lower", "capitalized", "legacy"]
@@ -61,7 +64,9 @@ def _model_name(key: str) -> str:
 
 
 class TimingProfile(BaseModel):
-    """How long a model's tasks queue and run: log-normal, given by mean seconds and spread (CV)."""
+    """How long a model's tasks queue and run: log-normal, given by mean seconds and spread (CV).
+    `run_seconds` is for one 1024x1024 image; `draw` scales it by the task's `work` (pixels / 1 MP
+    times images), as PiAPI's run time grows with both."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -70,9 +75,9 @@ class TimingProfile(BaseModel):
     queue_spread: float = Field(default=0.5, ge=0, le=3)
     run_spread: float = Field(default=0.1, ge=0, le=3)
 
-    def draw(self, rng: random.Random) -> tuple[float, float]:
+    def draw(self, rng: random.Random, work: float = 1.0) -> tuple[float, float]:
         return _lognormal(rng, self.queue_seconds, self.queue_spread), _lognormal(
-            rng, self.run_seconds, self.run_spread
+            rng, self.run_seconds * work, self.run_spread
         )
 
 
@@ -329,7 +334,8 @@ class SimulatorState:
         if profile is None:
             queued, total = self.config.pending_seconds, self.config.durations[model]
         else:
-            queued, run = profile.draw(self.rng)
+            width, height = output_size(request)
+            queued, run = profile.draw(self.rng, work=width * height / 1024**2 * request.image_count)
             total = queued + run
         task = SimTask(
             task_id=str(uuid.uuid4()),
