@@ -22,7 +22,7 @@ DEFAULT_BASE_URL = "https://api.piapi.ai"
 
 IncludeImage = Literal["none", "thumbnail"]
 SIMULATED_SUBDIR = "simulator"
-DEFAULT_POLL_BUDGET = 14  # planned GETs per task; a typical task uses about half (bench/detection.py)
+DEFAULT_POLL_BUDGET = 14  # planned GETs per task (short tasks up to 1.5x); a typical task uses about half to two thirds
 
 
 def default_output_dir() -> Path:
@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(default=30.0, gt=0)
     """Per-request HTTP timeout to PiAPI."""
     poll_budget: int = Field(default=DEFAULT_POLL_BUDGET, ge=1, le=100)
-    """Most status GETs spent on one task while waiting (the learned schedule places them)."""
+    """Planned status GETs per task before the slow tail (the learned schedule places them; tasks of a
+    few seconds get up to 1.5 times as many, closer together)."""
     public_url: str | None = None
     """HTTP only: the base URL PiAPI can reach this server at; tasks then report back to
     <public_url>/webhooks/piapi and polling becomes a sparse safety net."""
