@@ -101,6 +101,11 @@ class FluxTool:
     async def _resolve(self, ctx: Context, arguments: dict[str, Any]) -> dict[str, Any] | InputRequiredResult:
         if self.needs is None:
             return {}
-        params = find_resolved_parameters(self.needs)
-        plans = build_resolver_plans(params, {"arguments"})
+        params, plans = self._resolver_plans
         return await resolve_arguments(params, plans, {"arguments": dict(arguments)}, ctx)
+
+    @cached_property
+    def _resolver_plans(self) -> tuple[Any, Any]:
+        """How `needs`' parameters are resolved: worked out once (it reads type hints), not per call."""
+        params = find_resolved_parameters(self.needs)
+        return params, build_resolver_plans(params, {"arguments"})
