@@ -190,8 +190,17 @@ class Relay:
             log.warning("worker relay off: cannot bind %s (%s)", path, exc.strerror or exc)
             return False
         self._sock, self.path = sock, path
+        self._sweep()
         log.info("worker relay listening at %s", path)
         return True
+
+    def _sweep(self) -> None:
+        """Remove the sockets of workers killed without cleaning up (nobody answers on them)."""
+        for name in os.listdir(self.directory):
+            if _SOCKET_NAME.fullmatch(name) and self.path is not None and name != self.path.name:
+                peer = self._connect(name)  # a dead one is removed on the way
+                if peer is not None:
+                    self._forget(peer)
 
     def _close(self) -> None:
         sock, path = self._sock, self.path

@@ -206,6 +206,21 @@ async def test_the_relay_is_private_and_cleans_up(tmp_path) -> None:
     a.publish(done("task-1"))  # after shutdown: nothing is sent, nothing fails
 
 
+async def test_sockets_left_by_killed_workers_are_swept_at_start(tmp_path) -> None:
+    relay = Relay.beside(tmp_path)
+    assert relay is not None
+    relay.directory.mkdir(mode=0o700, parents=True)
+    corpse = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    corpse.bind(os.fspath(relay.directory / "4242-deadbeef"))
+    corpse.close()
+    alive = spy(relay.directory)
+    try:
+        async with relay.running(TaskEvents()):
+            assert sorted(os.listdir(relay.directory)) == sorted(["1-0000beef", relay.path.name])
+    finally:
+        alive.close()
+
+
 async def test_a_directory_open_to_others_switches_the_relay_off(tmp_path, caplog) -> None:
     relay = Relay.beside(tmp_path)
     assert relay is not None
@@ -226,6 +241,24 @@ def test_socket_paths_stay_within_af_unix_limits(tmp_path, monkeypatch) -> None:
     assert moved == relay_directory(deep) != relay_directory(tmp_path / ("z" * 120))  # one per ledger
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / ("t" * 120)))
     assert relay_directory(deep) is None and Relay.beside(deep) is None
+
+
+def test_no_unix_sockets_no_relay(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.delattr(socket, "AF_UNIX")
+    assert Relay.beside(tmp_path) is None
+    assert "safety-net poll" in caplog.text
+
+
+async def test_one_http_process_runs_no_relay(settings, tmp_path) -> None:
+    from flux_mcp.http_app import build_http_app
+    from flux_mcp.simulator import bind_socket, running_app
+
+    sock = bind_socket()
+    hooked = settings.model_copy(update={"public_url": f"http://127.0.0.1:{sock.getsockname()[1]}"})
+    async with running_app(build_http_app(hooked), sock=sock) as url, Client(f"{url}/mcp") as client:
+        result = await client.call_tool("flux_txt2img", {"prompt": "alone", "include_image": "none"})
+        assert result.structured_content["status"] == "completed"
+    assert not (settings.data_dir / RELAY_DIR).exists()
 
 
 # --- end to end: two worker processes ----------------------------------------------------------------
