@@ -4,7 +4,9 @@ Starts each command as a stdio subprocess, writes `initialize`, `notifications/i
 `tools/list` at once (as a client that has the process ready to talk to would), and times from
 `Popen` to the `tools/list` answer on stdout. The two servers run alternately, N times each,
 with the same Python, so machine noise hits both alike; the median of each and the ratio are
-printed.
+printed. Beside the wall time each server's CPU time (user + system, from the kernel's
+accounting of the child) is printed too: on a busy machine the wall time moves with everyone
+else's work, the CPU time much less.
 
 - `piapi-flux-mcp`: `python -m flux_mcp` with a key set (the normal configuration; nothing is
   sent to PiAPI for tools/list) and its data and output directories in a temporary folder.
@@ -56,8 +58,9 @@ MESSAGES = [
 ]
 
 
-def time_to_tools_list(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Seconds from process start to the tools/list answer, and how many tools it listed."""
+def time_to_tools_list(argv: list[str], env: dict[str, str]) -> tuple[float, int, float | None]:
+    """Seconds from process start to the tools/list answer, how many tools it listed, and the CPU
+    seconds the process used until it was stopped right after (None where the OS cannot say)."""
     payload = "".join(json.dumps(m) + "\n" for m in MESSAGES).encode()
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
@@ -69,11 +72,20 @@ def time_to_tools_list(argv: list[str], env: dict[str, str]) -> tuple[float, int
             message = json.loads(line)
             if message.get("id") == 2:
                 elapsed = time.perf_counter() - start
-                return elapsed, len(message["result"]["tools"])
+                proc.kill()
+                return elapsed, len(message["result"]["tools"]), _cpu_seconds(proc)
         raise RuntimeError(f"{argv} exited before answering tools/list")
     finally:
         proc.kill()
         proc.wait()
+
+
+def _cpu_seconds(proc: subprocess.Popen) -> float | None:
+    if not hasattr(os, "wait4"):
+        return None
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -102,23 +114,30 @@ def main() -> None:
             "one-tool MCPServer": [sys.executable, str(bare)],
         }
         times: dict[str, list[float]] = {name: [] for name in servers}
+        cpu: dict[str, list[float]] = {name: [] for name in servers}
         tools: dict[str, int] = {}
         for argv in servers.values():  # one untimed warm-up each (disk cache, .pyc files)
             time_to_tools_list(argv, env)
         for _ in range(runs):
             for name, argv in servers.items():
-                elapsed, tools[name] = time_to_tools_list(argv, env)
+                elapsed, tools[name], used = time_to_tools_list(argv, env)
                 times[name].append(elapsed)
+                if used is not None:
+                    cpu[name].append(used)
 
     print(f"process start -> tools/list answered, stdio, median of {runs} (python {sys.version.split()[0]})")
-    print(f"{'server':<22} {'tools':>5} {'median':>8} {'min':>8} {'max':>8}")
+    print(f"{'server':<22} {'tools':>5} {'median':>8} {'min':>8} {'max':>8} {'CPU median':>11}")
     for name, values in times.items():
+        used = f"{statistics.median(cpu[name]) * 1000:>8.0f} ms" if cpu[name] else f"{'-':>11}"
         print(
             f"{name:<22} {tools[name]:>5} {statistics.median(values) * 1000:>6.0f} ms "
-            f"{min(values) * 1000:>5.0f} ms {max(values) * 1000:>5.0f} ms"
+            f"{min(values) * 1000:>5.0f} ms {max(values) * 1000:>5.0f} ms {used}"
         )
-    ratio = statistics.median(times["piapi-flux-mcp"]) / statistics.median(times["one-tool MCPServer"])
+    ours, bare = "piapi-flux-mcp", "one-tool MCPServer"
+    ratio = statistics.median(times[ours]) / statistics.median(times[bare])
     print(f"ratio piapi-flux-mcp / one-tool MCPServer: {ratio:.2f}x")
+    if cpu[ours] and cpu[bare]:
+        print(f"CPU time ratio: {statistics.median(cpu[ours]) / statistics.median(cpu[bare]):.2f}x")
 
 
 if __name__ == "__main__":
