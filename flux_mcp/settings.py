@@ -1,8 +1,15 @@
-"""Configuration from the environment (pydantic-settings), validated before any transport opens.
+"""Configuration from the environment, validated before any transport opens.
 
 PiAPI's own names are kept for the two upstream settings (`PIAPI_API_KEY`, `PIAPI_BASE_URL`);
 everything that belongs to this server is `FLUX_MCP_*`. The key is a `SecretStr`, so it prints
 as `**********` in any repr, log line or error.
+
+`Settings` is a plain pydantic model that reads the environment when it is created, by the rules
+of pydantic-settings' `BaseSettings` (which importing would cost every start more than the rest of
+this module): each field from its string aliases in order, else `FLUX_MCP_<NAME>`, names matched
+whatever their case, values validated as given (lists split by their own validators), defaults
+validated too, and arguments to `Settings(...)` taking precedence over the environment.
+tests/test_settings.py checks it against `BaseSettings` itself.
 """
 
 from __future__ import annotations
@@ -11,13 +18,14 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
 
 APP_NAME = "piapi-flux-mcp"
+ENV_PREFIX = "FLUX_MCP_"
 DEFAULT_BASE_URL = "https://api.piapi.ai"
 
 IncludeImage = Literal["none", "thumbnail"]
@@ -57,10 +65,33 @@ class ConfigurationError(ValueError):
     """Bad configuration, reported as one line before the server starts."""
 
 
-class Settings(BaseSettings):
+def environment_names(name: str, field: FieldInfo) -> list[str]:
+    """The environment variables a setting is read from, first found wins: its string aliases
+    (PiAPI's own names first), else `FLUX_MCP_<NAME>`."""
+    alias = field.validation_alias
+    choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+    return [c for c in choices if isinstance(c, str)] or [f"{ENV_PREFIX}{name}".upper()]
+
+
+class Settings(BaseModel):
     # Each field's docstring is its --help text (settings_help reads them when help is asked for;
     # pydantic's use_attribute_docstrings would search every loaded module's source at import).
-    model_config = SettingsConfigDict(env_prefix="FLUX_MCP_", extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, validate_default=True)
+
+    def __init__(self, **values: Any) -> None:
+        """The environment as it is now, overridden by `values`."""
+        super().__init__(**(type(self).from_environment() | values))
+
+    @classmethod
+    def from_environment(cls) -> dict[str, str]:
+        """Each setting the environment gives, by field name (variable names matched whatever their case)."""
+        environ = {key.lower(): value for key, value in os.environ.items()}
+        found = {}
+        for name, field in cls.model_fields.items():
+            variable = next((v.lower() for v in environment_names(name, field) if v.lower() in environ), None)
+            if variable is not None:
+                found[name] = environ[variable]
+        return found
 
     api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("PIAPI_API_KEY", "api_key"))
     """Your PiAPI key; required unless simulating. Never printed, logged or returned."""
@@ -78,7 +109,7 @@ class Settings(BaseSettings):
     """Where the task ledger (tasks.sqlite3) lives."""
     include_image: IncludeImage = "thumbnail"
     """Default inline preview in results: thumbnail or none."""
-    image_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    image_roots: list[Path] = Field(default_factory=list)
     """Folders local input images may be read from (os.pathsep-separated); unset = the working
     directory (unless it is / or home) and the output directory."""
     idempotency_window_seconds: float = Field(default=600.0, ge=0)
@@ -107,7 +138,7 @@ class Settings(BaseSettings):
     # HTTP transport (see flux_mcp.http_app): who may call, under which Host names, how many sessions.
     auth_token: SecretStr | None = None
     """HTTP only: the bearer token clients must send (16+ characters); required beyond loopback. Never printed."""
-    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
     """HTTP only: extra host names (comma-separated, no port) clients may reach the server under, besides loopback."""
     max_sessions: int = Field(default=1000, gt=0)
     """HTTP only: open sessions at once; one more is refused with 503."""

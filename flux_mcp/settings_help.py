@@ -13,21 +13,15 @@ import inspect
 import itertools
 import textwrap
 
-from pydantic import AliasChoices
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from flux_mcp.settings import Settings
+from flux_mcp.settings import Settings, environment_names
 
 
 def env_name(name: str, field: FieldInfo) -> str:
-    """The environment variable a field is read from (PiAPI's own names win over FLUX_MCP_*)."""
-    alias = field.validation_alias
-    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
-        return alias.choices[0]
-    if isinstance(alias, str):
-        return alias
-    return f"{Settings.model_config.get('env_prefix', '')}{name}".upper()
+    """The environment variable a field is documented under (PiAPI's own names win over FLUX_MCP_*)."""
+    return environment_names(name, field)[0]
 
 
 def default_text(field: FieldInfo) -> str:

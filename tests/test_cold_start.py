@@ -30,7 +30,16 @@ LATE_MODULES = (
     "flux_mcp.http_app", "flux_mcp.webhooks", "flux_mcp.workers", "flux_mcp.demo",
 )  # fmt: skip
 # Not even the SDK loads these.
-NEVER_AT_START = ("PIL", "httpcore2", "sqlite3", "flux_mcp.simulator", "flux_mcp.ledger", "flux_mcp.settings_help")
+NEVER_AT_START = (
+    "PIL",
+    "httpcore2",
+    "sqlite3",
+    "pydantic_settings",
+    "dotenv",
+    "flux_mcp.simulator",
+    "flux_mcp.ledger",
+    "flux_mcp.settings_help",
+)
 
 # `piapi-flux-mcp` with no command, as an MCP host starts it, up to the point where it would
 # serve stdio: there it lists its tools instead and reports what is loaded.

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from flux_mcp.settings import ConfigurationError, Settings
 
@@ -74,3 +79,58 @@ def test_bad_deployment_options_are_refused_at_startup(monkeypatch, env, expecte
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=expected):
         Settings()
+
+
+# --- the environment is read by pydantic-settings' rules, checked against BaseSettings itself ------
+
+_VARIABLES = [
+    "PIAPI_API_KEY", "piapi_api_key", "API_KEY", "PIAPI_BASE_URL", "BASE_URL", "FLUX_MCP_API_KEY",
+    "FLUX_MCP_SIMULATE", "flux_mcp_simulate", "FLUX_MCP_WAIT_SECONDS", "FLUX_MCP_SAVE_IMAGES",
+    "FLUX_MCP_OUTPUT_DIR", "FLUX_MCP_DATA_DIR", "FLUX_MCP_INCLUDE_IMAGE", "FLUX_MCP_IMAGE_ROOTS",
+    "FLUX_MCP_MAX_INPUT_BYTES", "FLUX_MCP_POLL_BUDGET", "FLUX_MCP_PUBLIC_URL", "FLUX_MCP_DAILY_BUDGET_USD",
+    "FLUX_MCP_MAX_CONCURRENT_TASKS", "FLUX_MCP_LOG_LEVEL", "FLUX_MCP_AUTH_TOKEN", "FLUX_MCP_ALLOWED_HOSTS",
+    "FLUX_MCP_SERVICE_MODE", "FLUX_MCP_WEBHOOK_ENDPOINT", "FLUX_MCP_WEBHOOK_SECRET", "FLUX_MCP_UNKNOWN",
+]  # fmt: skip
+_VALUES = [
+    "", " ", "0", "1", "-1", "12.5", "true", "no", "abc", "none", "thumbnail", "debug", "public",
+    "http://127.0.0.1:9/", "https://example.com/hook", "/tmp/a:/tmp/b", "a.example, [::1]",
+    "x" * 20, "[1, 2]", '{"a": 1}',
+]  # fmt: skip
+
+
+def _reference_settings() -> type[Settings]:
+    """`Settings` as pydantic-settings' `BaseSettings` would read it (its own reading turned off)."""
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    class Reference(BaseSettings, Settings):
+        model_config = SettingsConfigDict(
+            env_prefix="FLUX_MCP_", extra="ignore", populate_by_name=True, enable_decoding=False
+        )
+
+        @classmethod
+        def from_environment(cls) -> dict[str, str]:
+            return {}
+
+    return Reference
+
+
+def _read(cls: type[Settings], **values: object) -> object:
+    from pydantic import ValidationError
+
+    from flux_mcp.startup import describe_settings_error
+
+    try:
+        return cls(**values).model_dump()
+    except ValidationError as exc:
+        return describe_settings_error(exc)
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(
+    env=st.dictionaries(st.sampled_from(_VARIABLES), st.sampled_from(_VALUES), max_size=6),
+    key=st.sampled_from([{}, {"api_key": "from-argument"}, {"PIAPI_API_KEY": "from-argument"}]),
+)
+def test_the_environment_is_read_as_pydantic_settings_reads_it(env, key):
+    reference = _reference_settings()
+    with mock.patch.dict(os.environ, env):
+        assert _read(Settings, **key) == _read(reference, **key)
