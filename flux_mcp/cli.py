@@ -238,8 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What `parse_args([])` gives: the bare command, as an MCP host starts it, serves stdio without
+#: building the parser (every subcommand's options; tests/test_cli.py checks the two agree).
+BARE_COMMAND = {"func": _serve, "transport": "stdio", "host": "127.0.0.1", "port": 8000, "command": None}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = argparse.Namespace(**BARE_COMMAND) if not argv else build_parser().parse_args(argv)
     try:
         args.func(args)
     except ConfigurationError as exc:

@@ -20,7 +20,6 @@ from mcp_types.version import is_version_at_least
 from pydantic import BaseModel, Field
 
 from flux_mcp.errors import ConfirmationRequiredError, FluxError, NotConfirmedError
-from flux_mcp.spend import usd
 
 if TYPE_CHECKING:
     from flux_mcp.catalog import TaskRequest
@@ -69,6 +68,8 @@ async def spend_question(
     images = request.image_count
     what = f"{images} image{'s' if images != 1 else ''} with {request.model.value} ({request.task_type.value})"
     if not client_can_confirm(ctx):
+        from flux_mcp.spend import usd  # loaded with the service (the ledger uses it), not at start
+
         return Unasked(
             refusal=f"this call costs {usd(cost)}, above the {usd(guard.confirm_above_usd)} per-call threshold "
             "(FLUX_MCP_CONFIRM_ABOVE_USD), and this client cannot ask the user to confirm"

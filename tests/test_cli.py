@@ -186,3 +186,10 @@ def test_demo_runs_every_task_tool_to_completion_in_fresh_state_each_run(tmp_pat
     task_id = re.compile(r"task ([0-9a-f]{8}-[0-9a-f-]{27})")
     first_ids, second_ids = (set(task_id.findall(run)) for run in runs)
     assert len(first_ids) >= 10 and not first_ids & second_ids
+
+
+def test_the_bare_command_is_what_the_parser_gives_for_no_arguments():
+    # `piapi-flux-mcp` with no arguments (how MCP hosts start it) skips building the parser.
+    from flux_mcp.cli import BARE_COMMAND, build_parser
+
+    assert vars(build_parser().parse_args([])) == BARE_COMMAND
