@@ -89,7 +89,7 @@ def collect_image_urls(output: object) -> list[str]:
 
 
 class TaskError(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use, not at start
 
     code: int | None = None
     message: str = ""
@@ -103,7 +103,7 @@ class TaskError(BaseModel):
 class TaskRecord(BaseModel):
     """A task as PiAPI last reported it."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use, not at start
 
     task_id: str
     model: str = ""

@@ -30,7 +30,7 @@ from mcp.server.mcpserver import Context
 from mcp.shared.exceptions import MCPError
 from mcp.types import INTERNAL_ERROR, INVALID_PARAMS, CallToolRequestParams, RequestParams
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from flux_mcp.errors import FluxError, NotFoundError
 from flux_mcp.record import TaskRecord
@@ -44,6 +44,8 @@ EXTENSION_ID = "io.modelcontextprotocol/tasks"
 
 
 class TaskParams(RequestParams):
+    model_config = ConfigDict(defer_build=True)  # built on the first tasks/* request, not at start
+
     task_id: str = Field(alias="taskId")
 
 

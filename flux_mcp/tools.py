@@ -107,7 +107,9 @@ class AppState:
 
 class TaskSummary(BaseModel):
     # The schema names what a model looks for in the list; every field is returned.
-    model_config = ConfigDict(json_schema_extra=listed_only("task_id", "status", "prompt", "images"))
+    model_config = ConfigDict(
+        json_schema_extra=listed_only("task_id", "status", "prompt", "images"), defer_build=True
+    )  # built on first use, not at start
 
     task_id: str | None
     tool: str
@@ -122,6 +124,7 @@ class TaskSummary(BaseModel):
 
 
 class TaskList(ToolResult):
+    model_config = ConfigDict(defer_build=True)  # built on first use, not at start
     unlisted: ClassVar[frozenset[str]] = frozenset({"spent_today_usd", "daily_budget_usd"})
 
     tasks: list[TaskSummary]
@@ -369,7 +372,8 @@ def _optional(description: str) -> Any:
 
 
 class _Arguments(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # as the task tools: never coerced
+    # As the task tools: never coerced. Built on first use, not at start.
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
 
 
 class TaskIdArguments(_Arguments):
