@@ -6,7 +6,7 @@ as `**********` in any repr, log line or error.
 
 `Settings` is a plain pydantic model that reads the environment when it is created, by the rules
 of pydantic-settings' `BaseSettings` (which importing would cost every start more than the rest of
-this module): each field from its string aliases in order, else `FLUX_MCP_<NAME>`, names matched
+this module): each field from its string aliases in order, then `FLUX_MCP_<NAME>`, names matched
 whatever their case, values validated as given (lists split by their own validators), defaults
 validated too, and arguments to `Settings(...)` taking precedence over the environment.
 tests/test_settings.py checks it against `BaseSettings` itself.
@@ -67,10 +67,10 @@ class ConfigurationError(ValueError):
 
 def environment_names(name: str, field: FieldInfo) -> list[str]:
     """The environment variables a setting is read from, first found wins: its string aliases
-    (PiAPI's own names first), else `FLUX_MCP_<NAME>`."""
+    (PiAPI's own names first), then `FLUX_MCP_<NAME>` (settings are populated by name too)."""
     alias = field.validation_alias
     choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
-    return [c for c in choices if isinstance(c, str)] or [f"{ENV_PREFIX}{name}".upper()]
+    return [*(c for c in choices if isinstance(c, str)), f"{ENV_PREFIX}{name}".upper()]
 
 
 class Settings(BaseModel):
