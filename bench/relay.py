@@ -2,8 +2,8 @@
 
 Starts the built-in simulator and `piapi-flux-mcp serve --transport http` with FLUX_MCP_PUBLIC_URL
 (so the simulator pushes every task to the server's own receiver), first with one worker, then
-with two, and makes N `flux_txt2img` calls at once, each on its own connection (so the kernel
-spreads them over the workers). Per run it prints, for all calls and, with two workers, split by
+with two, and makes N `flux_txt2img` calls at once, each request on its own connection (so the
+kernel spreads them over the workers). Per run it prints, for all calls and, with two workers, split by
 whether the call was woken by an update relayed from the other worker (the server's log says
 which): calls completed, GETs per task (status polls the simulator received) and overhead (the
 moment the call answered minus the moment the simulator finished the task).
@@ -12,7 +12,7 @@ Tasks (dev-advanced, 512 px) take `--task-seconds` (2 s) where the built-in prio
 every call's one safety-net GET is planned 4 s in, after its webhook: a call the push did not
 wake shows up as a GET.
 Without the relay, the calls whose webhook reached the other worker each cost that GET and wait
-for it. The client is small (one JSON-RPC session per call); on a loaded machine the overhead
+for it. The client is small (one JSON-RPC session per call, bench/scale.py's); on a loaded machine the overhead
 is mostly the machine's, so compare the rows of one run. Images are not downloaded
 (`FLUX_MCP_SAVE_IMAGES=false`): the simulator renders each on request, which would be measured
 instead.
@@ -45,12 +45,11 @@ async def calls(url: str, n: int, tag: str) -> list[tuple[float, dict]]:
     answers: list[tuple[float, dict]] = []
 
     async def one(k: int) -> None:
-        async with httpx.AsyncClient(timeout=120) as http:  # its own connection: any worker may get it
-            session = Session(http, url)
-            await session.open()
-            arguments = {"prompt": f"{tag} {k}", "model": MODEL, "width": SIDE, "height": SIDE, "include_image": "none"}
-            result = await session.call("flux_txt2img", arguments)
-            answers.append((time.time(), result.get("structuredContent") or {}))
+        session = Session(url)  # every request on its own connection: any worker may get it
+        await session.open()
+        arguments = {"prompt": f"{tag} {k}", "model": MODEL, "width": SIDE, "height": SIDE, "include_image": "none"}
+        result = await session.call("flux_txt2img", arguments)
+        answers.append((time.time(), result.get("structuredContent") or {}))
 
     async with anyio.create_task_group() as tg:
         for k in range(n):
@@ -144,7 +143,7 @@ def main() -> None:
                 )
     print(
         f"simulator: dev-advanced tasks of {args.task_seconds:g} s (0.5 s queued), {SIDE} px; webhooks to the "
-        "server's own receiver (FLUX_MCP_PUBLIC_URL); images not saved; one connection per call; loopback."
+        "server's own receiver (FLUX_MCP_PUBLIC_URL); images not saved; one connection per request; loopback."
     )
 
 
