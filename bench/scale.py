@@ -1,7 +1,8 @@
 """Many generations at once over streamable HTTP: does one server carry them without stalling?
 
-Starts, each in its own process, the built-in PiAPI simulator (tasks take `--task-seconds`, 5 s by
-default; its images are plain PNGs of the asked size, drawn once, so that the stand-in stays cheap)
+Starts, each in its own process, the built-in PiAPI simulator (tasks take PiAPI-like schnell times
+for the image size, the ~1-1.5 s the poll planner expects at 512 px, or a fixed `--task-seconds`;
+its images are plain PNGs of the asked size, drawn once, so that the stand-in stays cheap)
 and `piapi-flux-mcp serve --transport http` against it (with `--workers N`, that many processes on
 one port; give `--workers` twice to compare throughput side by side), then, from this process,
 opens 10 client sessions and makes N `flux_txt2img` calls at once, spread over the sessions, while
@@ -344,8 +345,8 @@ def main() -> None:
     parser.add_argument(
         "--task-seconds",
         type=float,
-        default=5.0,
-        help="fixed simulated task duration (default 5; 0 = PiAPI-like schnell timing for the image size)",
+        default=0.0,
+        help="fixed simulated task duration (default: PiAPI-like schnell timing for the image size)",
     )
     args = parser.parse_args()
     sizes = args.n or ([100, 300] if args.quick else [100, 300, 1000])
