@@ -26,6 +26,7 @@ in a process of its own. Everything runs on loopback. Linux only
     python bench/scale.py                  # N = 100, 300, 1000
     python bench/scale.py --quick          # N = 100, 300
     python bench/scale.py -n 1000 --workers 1 --workers 2   # throughput of one and two processes
+    python bench/scale.py -n 1000 --floor  # beside a bare MCPServer whose tool only sleeps as long
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from urllib.parse import urlsplit
 
 import h11
 import httpx2
+from mcp.server.mcpserver import Context, MCPServer
 
 from flux_mcp.catalog import Model
 from flux_mcp.simulator import PIAPI_LIKE_PROFILES
@@ -248,7 +250,9 @@ async def run_load(mcp_url: str, n: int, run_id: str, include_image: str, side: 
     overheads = []
     completed = 0
     for answered, result in answers:
-        structured = result.get("structuredContent") or {}
+        structured = result.get("structuredContent")
+        if structured is None:  # the floor server's plain-dict result comes as JSON text
+            structured = json.loads(result["content"][0]["text"])
         if structured.get("status") == "completed":
             completed += 1
             if structured.get("ended_at"):
@@ -262,6 +266,71 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def serve_floor(port: int, task_seconds: float) -> None:
+    """The floor: a bare one-process `MCPServer` whose `flux_txt2img` only sleeps as long as a task
+    runs, reports progress three times and returns a small result (no PiAPI, no ledger, no image),
+    and whose `flux_list_tasks` returns an empty list. What the SDK itself costs per call."""
+    import uvicorn
+
+    mcp = MCPServer("floor")
+
+    @mcp.tool()
+    async def flux_txt2img(
+        ctx: Context,
+        prompt: str,
+        width: int = 1024,
+        height: int = 1024,
+        idempotency_key: str = "",
+        include_image: str = "",
+    ) -> dict:
+        await ctx.report_progress(0, None, "pending")
+        await asyncio.sleep(0.1)
+        await ctx.report_progress(0.1, None, "processing")
+        await asyncio.sleep(task_seconds)
+        ended = datetime.now().astimezone().isoformat()
+        await ctx.report_progress(task_seconds, None, "completed")
+        return {"status": "completed", "ended_at": ended, "prompt": prompt}
+
+    @mcp.tool()
+    async def flux_list_tasks(limit: int = 5) -> dict:
+        return {"tasks": []}
+
+    uvicorn.run(mcp.streamable_http_app(host="127.0.0.1"), host="127.0.0.1", port=port, log_level="warning")
+
+
+def bench_floor(n: int, args: argparse.Namespace) -> dict:
+    port = free_port()
+    like = PIAPI_LIKE_PROFILES[SCHNELL]  # the mean of the simulator's draws at this size
+    seconds = args.task_seconds or like.queue_seconds + like.run_seconds * args.side**2 / 1024**2
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve-floor", str(port), "--task-seconds", str(seconds)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        wait_for_http(url)
+        cpu_before = cpu_seconds(server.pid)
+        client_before = time.process_time()
+        load = asyncio.run(run_load(url, n, f"floor{n}", args.include_image, args.side))
+        return {
+            "n": n,
+            **load,
+            "cpu": cpu_seconds(server.pid) - cpu_before,
+            "sim_cpu": 0.0,
+            "client_cpu": time.process_time() - client_before,
+            "rss": peak_rss_mb(server.pid),
+            "gets_per_task": 0.0,
+        }
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def bench_one(n: int, workers: int, args: argparse.Namespace, tmp: Path) -> dict:
@@ -367,7 +436,16 @@ def main() -> None:
         default=0.0,
         help="fixed simulated task duration (default: PiAPI-like schnell timing for the image size)",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run a bare MCPServer whose tool only sleeps as long (what the SDK itself costs per call)",
+    )
+    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_floor:
+        serve_floor(args.serve_floor, args.task_seconds)
+        return
     sizes = args.n or ([100, 300] if args.quick else [100, 300, 1000])
     worker_counts = args.workers or [1]
 
@@ -375,29 +453,42 @@ def main() -> None:
         f"{'N':>5} {'workers':>7} {'completed':>9} {'wall':>7} {'tasks/s':>7} {'CPU/task':>9} {'peak RSS':>9} "
         f"{'probe p50':>9} {'probe p99':>9} {'overhead p50':>12} {'GETs/task':>9} {'simulator CPU':>13}"
     )
+
+    def row(n: int, label: str, r: dict) -> float:
+        sim_share = r["sim_cpu"] / r["wall"]
+        print(
+            f"{n:>5} {label:>7} {r['completed']:>9} {r['wall']:>6.1f}s {r['completed'] / r['wall']:>7.1f} "
+            f"{r['cpu'] / n * 1000:>7.1f}ms {r['rss']:>7.0f}MB "
+            f"{percentile(r['probe'], 0.5) * 1000:>7.0f}ms {percentile(r['probe'], 0.99) * 1000:>7.0f}ms "
+            f"{percentile(r['overheads'], 0.5):>11.2f}s {r['gets_per_task']:>9.1f} "
+            f"{sim_share * 100:>6.0f}% core"
+            + ("" if sim_share < 0.7 else "  (simulator near its limit)")
+            + f"   [load generator {r['client_cpu'] / r['wall'] * 100:.0f}% core, "
+            f"server {r['cpu'] / r['wall'] * 100:.0f}% core]",
+            flush=True,
+        )
+        return r["completed"] / r["wall"]
+
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             throughput: dict[int, float] = {}
+            cpu: dict[int, float] = {}
             for workers in worker_counts:
                 r = bench_one(n, workers, args, Path(tmp))
-                sim_share = r["sim_cpu"] / r["wall"]
-                throughput[workers] = r["completed"] / r["wall"]
-                print(
-                    f"{n:>5} {workers:>7} {r['completed']:>9} {r['wall']:>6.1f}s {throughput[workers]:>7.1f} "
-                    f"{r['cpu'] / n * 1000:>7.1f}ms {r['rss']:>7.0f}MB "
-                    f"{percentile(r['probe'], 0.5) * 1000:>7.0f}ms {percentile(r['probe'], 0.99) * 1000:>7.0f}ms "
-                    f"{percentile(r['overheads'], 0.5):>11.2f}s {r['gets_per_task']:>9.1f} "
-                    f"{sim_share * 100:>6.0f}% core"
-                    + ("" if sim_share < 0.7 else "  (simulator near its limit)")
-                    + f"   [load generator {r['client_cpu'] / r['wall'] * 100:.0f}% core, "
-                    f"server {r['cpu'] / r['wall'] * 100:.0f}% core]",
-                    flush=True,
-                )
+                throughput[workers], cpu[workers] = row(n, str(workers), r), r["cpu"]
             first = worker_counts[0]
             for workers in worker_counts[1:]:
                 print(
                     f"      N = {n}: {workers} workers carry {throughput[workers] / throughput[first]:.2f}x "
                     f"the throughput of {first}",
+                    flush=True,
+                )
+            if args.floor:
+                floor = bench_floor(n, args)
+                row(n, "floor", floor)
+                print(
+                    f"      N = {n}: server CPU per call {cpu[first] / max(floor['cpu'], 1e-9):.1f}x the bare "
+                    f"MCPServer's ({cpu[first] / n * 1000:.1f} ms against {floor['cpu'] / n * 1000:.1f} ms)",
                     flush=True,
                 )
     timing = f"tasks {args.task_seconds:g} s" if args.task_seconds else "PiAPI-like schnell timing for that size"
@@ -406,6 +497,11 @@ def main() -> None:
         f"{args.side}x{args.side} px, {timing} in the simulator (its own process, plain images drawn once per "
         f"size); {SESSIONS} client sessions + 1 probe session; loopback. tasks/s = completed / wall. "
         "Simulator CPU well under 100% of a core = it kept up."
+        + (
+            " floor: a bare MCPServer (same SDK) whose tool only sleeps as long and reports progress."
+            if args.floor
+            else ""
+        )
     )
 
 
