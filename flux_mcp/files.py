@@ -120,6 +120,11 @@ def sweep_partial_files(directory: Path, *, now: float | None = None) -> list[Pa
     return removed
 
 
+# Worker threads that write images and make previews at once, per store. Each step is short and
+# partly holds the GIL: a few threads keep the disk busy, while dozens would only fight the event
+# loop's thread for the GIL (a loop that waits for it stalls every call in flight).
+IMAGE_THREADS = 4
+
 # A download is written in steps of this many bytes (one worker-thread step each); a typical
 # image is smaller and is written, synced and renamed into place in a single step.
 WRITE_BATCH_BYTES = 1 << 20
@@ -128,8 +133,9 @@ WRITE_BATCH_BYTES = 1 << 20
 class _PartFile:
     """The temp file an image is written to, created on the first write; removed unless renamed."""
 
-    def __init__(self, stem: str) -> None:
+    def __init__(self, stem: str, threads: anyio.CapacityLimiter) -> None:
         self.stem = stem
+        self.threads = threads
         self.file: IO[bytes] | None = None
         self.path: Path | None = None
         self.sidecar: Path | None = None
@@ -141,7 +147,7 @@ class _PartFile:
 
     async def discard(self) -> None:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._remove)
+            await anyio.to_thread.run_sync(self._remove, limiter=self.threads)
 
 
 class ImageStore:
@@ -153,6 +159,7 @@ class ImageStore:
     def __init__(self, output_dir: Path, *, max_bytes: int) -> None:
         self.output_dir = Path(output_dir)
         self.max_bytes = max_bytes
+        self.threads = anyio.CapacityLimiter(IMAGE_THREADS)  # also used for previews (TaskService)
 
     def _write(self, part: _PartFile, chunks: list[bytes]) -> None:
         """Append `chunks` to the temp file, creating it first if needed. Blocking."""
@@ -173,7 +180,7 @@ class ImageStore:
         if n < 0:
             raise errors.StorageError(f"image index {n} must not be negative", task_id=task_id)
         stem = f"{task_id}_{n}"
-        part = _PartFile(stem)
+        part = _PartFile(stem, self.threads)
         # The body is held in memory up to WRITE_BATCH_BYTES and written in one worker-thread step
         # per batch: a typical image costs one step in all (write, fsync, sidecar, renames), not a
         # thread hop per chunk. Memory per download stays bounded by the batch size.
@@ -199,7 +206,7 @@ class ImageStore:
                     buffered += len(chunk)
                     if buffered >= WRITE_BATCH_BYTES:
                         batch, pending, buffered = pending, [], 0
-                        await anyio.to_thread.run_sync(self._write, part, batch)
+                        await anyio.to_thread.run_sync(self._write, part, batch, limiter=self.threads)
             if detected is None:
                 detected = self._check_magic(url, head)
             final = self.output_dir / f"{stem}.{_EXTENSIONS[detected]}"
@@ -228,7 +235,7 @@ class ImageStore:
                 os.replace(part.path, final)
                 os.replace(part.sidecar, sidecar_path)
 
-            await anyio.to_thread.run_sync(commit)
+            await anyio.to_thread.run_sync(commit, limiter=self.threads)
         except OSError as exc:
             await part.discard()
             raise errors.StorageError(f"saving {url} failed: {exc}", task_id=task_id) from exc

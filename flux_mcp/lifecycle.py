@@ -32,7 +32,7 @@ import anyio.lowlevel
 from flux_mcp import errors
 from flux_mcp.admission import AdmissionQueue, OnQueued
 from flux_mcp.catalog import TaskRequest, TaskType, expected_images
-from flux_mcp.files import ImageStore, InputResolver, fetch_image, make_thumbnail
+from flux_mcp.files import IMAGE_THREADS, ImageStore, InputResolver, fetch_image, make_thumbnail
 from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id, owner_is_gone
 from flux_mcp.parameters import build_request
 from flux_mcp.polling import (
@@ -125,6 +125,7 @@ class TaskService:
         self.client = client
         self.ledger = ledger
         self.store = store
+        self._image_threads = store.threads if store is not None else anyio.CapacityLimiter(IMAGE_THREADS)
         self.resolver = resolver
         self.policy = policy
         self.planner = planner or PollPlanner(budget=settings.poll_budget, clock=clock)
@@ -515,7 +516,7 @@ class TaskService:
                     if path
                     else await fetch_image(self.client, url, max_bytes=self.settings.max_download_bytes)
                 )
-                previews[i] = await anyio.to_thread.run_sync(make_thumbnail, source)
+                previews[i] = await anyio.to_thread.run_sync(make_thumbnail, source, limiter=self._image_threads)
             except errors.FluxError as exc:
                 log.warning("no preview of %s: %s", path or url, exc.message)
 
