@@ -19,6 +19,7 @@ import pytest
 from flux_mcp import errors
 from flux_mcp.ledger import (
     SCHEMA_VERSION,
+    SPENT_SINCE_SQL,
     LedgerEntry,
     Reservation,
     SavedImageRow,
@@ -319,6 +320,19 @@ async def test_survives_reopening(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.anyio
+async def test_the_days_spend_is_summed_from_an_index_alone(tmp_path: Path) -> None:
+    """Every call's result and the spend guard sum the day's spend: with thousands of tasks a day
+    that must not be a table look-up per task."""
+    path = tmp_path / "t.db"
+    async with TaskLedger(path) as ledger:
+        await ledger.attach((await reserve(ledger)).entry.local_id, task("t-1", "completed"))
+        assert await ledger.spent_since(0) > 0
+    with sqlite3.connect(path) as conn:
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {SPENT_SINCE_SQL}", (0,)).fetchall()
+    assert "COVERING INDEX" in " ".join(str(row[-1]) for row in plan)
 
 
 @pytest.mark.anyio
