@@ -27,6 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# `python -m flux_mcp` imports the package from the working directory first: run it in this
+# checkout, so the bench measures the code beside it wherever it is started from.
+ROOT = Path(__file__).resolve().parent.parent
+
 BARE_SERVER = """
 from mcp.server import MCPServer
 
@@ -63,7 +67,9 @@ def time_to_tools_list(argv: list[str], env: dict[str, str]) -> tuple[float, int
     seconds the process used until it was stopped right after (None where the OS cannot say)."""
     payload = "".join(json.dumps(m) + "\n" for m in MESSAGES).encode()
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT
+    )
     try:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(payload)
