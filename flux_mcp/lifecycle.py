@@ -42,6 +42,7 @@ from flux_mcp.polling import (
     PollPlanner,
     PollPolicy,
     Schedule,
+    is_newer,
     wait_for_task,
 )
 from flux_mcp.push import TaskEvents
@@ -350,6 +351,13 @@ class TaskService:
 
         try:
             with self.events.subscribe(task_id) as inbox:
+                if self.webhook is not None and initial is not None and not initial.is_terminal:
+                    # A webhook that landed between the create answer and this subscription woke no
+                    # one, but the receiver recorded it: start from there instead of a later poll.
+                    entry = await self.ledger.get(task_id)
+                    if entry is not None and entry.record is not None and is_newer(entry.record, initial):
+                        initial = entry.record
+                        last_status = initial.status
                 record = await wait_for_task(
                     self._get_rechecked,
                     task_id,

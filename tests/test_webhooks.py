@@ -227,3 +227,35 @@ async def test_a_task_whose_create_was_uncertain_is_still_ours(hooked: Hooked) -
     assert (await hooked.post({"timestamp": 1, "data": failed})).json() == {"status": "accepted"}
     entry = await ledger.get("5ec0e2a4-uncertain")
     assert entry is not None and entry.status == "failed"
+
+
+async def test_a_webhook_that_lands_before_the_wait_begins_still_ends_it(tmp_path, make_service) -> None:
+    """The receiver recorded the task's end between the create answer and the call's subscription
+    (it woke no one): the wait starts from the ledger's state, not from its first safety-net poll."""
+    from flux_mcp.client import PiAPIClient
+    from flux_mcp.ledger import TaskLedger
+    from flux_mcp.lifecycle import TaskService
+
+    async with running_simulator(durations={"schnell": 0.2}) as sim:
+        settings = Settings(
+            api_key=sim.api_key, base_url=sim.base_url, data_dir=tmp_path / "d", output_dir=tmp_path / "i"
+        )
+        async with PiAPIClient(sim.base_url, sim.api_key) as client, TaskLedger(tmp_path / "t.sqlite3") as ledger:
+            plain = make_service(settings, client, ledger)
+            service = TaskService(
+                settings,
+                client,
+                ledger,
+                store=plain.store,
+                resolver=plain.resolver,
+                webhook={"endpoint": "http://127.0.0.1:9/webhooks/piapi", "secret": SECRET},
+            )
+            request = await service.prepare("txt2img", {"prompt": "early", "width": 256, "height": 256})
+            created = (await service.submit("flux_txt2img", request)).record
+            await anyio.sleep(0.5)
+            await ledger.record(await client.get_task(created.task_id))  # what the receiver writes
+            sim.state.log.clear()
+            with anyio.fail_after(3):  # the first safety-net poll of a push schedule comes later
+                outcome = await service.wait(created.task_id, timeout=30, initial=created)
+    assert outcome.record.status == "completed" and outcome.images[0].path
+    assert [e for e in sim.state.log if e["method"] == "GET" and e["task_id"] == created.task_id] == []
