@@ -93,9 +93,11 @@ class Settings(BaseModel):
                 found[name] = environ[variable]
         return found
 
-    api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("PIAPI_API_KEY", "api_key"))
+    # Only PiAPI's own names (and FLUX_MCP_<NAME>): a generic API_KEY or BASE_URL in a host's
+    # environment belongs to something else and must never send the key to another host.
+    api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("PIAPI_API_KEY"))
     """Your PiAPI key; required unless simulating. Never printed, logged or returned."""
-    base_url: str = Field(default=DEFAULT_BASE_URL, validation_alias=AliasChoices("PIAPI_BASE_URL", "base_url"))
+    base_url: str = Field(default=DEFAULT_BASE_URL, validation_alias=AliasChoices("PIAPI_BASE_URL"))
     """PiAPI endpoint."""
     simulate: bool = False
     """Run against the built-in PiAPI simulator (same as --simulate): no key, no cost."""

@@ -81,6 +81,16 @@ def test_bad_deployment_options_are_refused_at_startup(monkeypatch, env, expecte
         Settings()
 
 
+def test_generic_api_key_and_base_url_variables_are_not_ours(monkeypatch):
+    """An API_KEY or BASE_URL in a host's environment belongs to something else: reading it would
+    send requests (and the PiAPI key) to another host."""
+    monkeypatch.setenv("API_KEY", "someone-elses-key")
+    monkeypatch.setenv("BASE_URL", "http://127.0.0.1:9/elsewhere")
+    settings = Settings()
+    assert settings.api_key is None and settings.base_url == "https://api.piapi.ai"
+    assert Settings(api_key="k-1", base_url="http://127.0.0.1:9/").api_key.get_secret_value() == "k-1"
+
+
 # --- the environment is read by pydantic-settings' rules, checked against BaseSettings itself ------
 
 _VARIABLES = [
