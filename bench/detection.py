@@ -23,7 +23,8 @@ The fixed policies run inside this same server (`ServerOptions(policy=...)`), so
 the same save and thumbnail costs and the differences are the schedules'. The 5 warm-ups run
 at once; every policy runs them (the cold one against a throwaway ledger) so that all measured
 batches are alike. All policies warm up side by side against one simulator; then their measured
-batches start 5 s apart, so one batch's finishes do not meet another's on the same CPUs; the
+batches start 5 s apart, so one batch's finishes do not meet another's on the same CPUs, each
+after the simulator is reseeded, so every policy is measured on the same 15 durations; the
 simulator renders each image while its task runs, as PiAPI does. A full run takes about five
 minutes, `--quick` (the ~4 s profile only) under a minute. Figures are noisy on a busy machine:
 run it twice.
@@ -109,6 +110,11 @@ class Sim:
 
     base_url: str
     api_key: str = DEFAULT_API_KEY
+
+    async def reseed(self, seed: int) -> None:
+        """Restart the simulator's draws: every batch started after this runs the same durations."""
+        async with httpx2.AsyncClient(base_url=self.base_url, timeout=30) as http:
+            (await http.post("/_simulator/config", json={"seed": seed})).raise_for_status()
 
     async def finished(self, task_ids: list[str]) -> dict[str, tuple[float, int, list[float]]]:
         """Per task: when it ended (wall clock), the GETs it got, and when its completion webhooks
@@ -212,6 +218,7 @@ async def run_policy(
                     async with connect(sim, policy, model, Path(throwaway)) as other:
                         await warm_up(other, model, args.warmups)
             await start.wait_turn(policy.name)
+            await sim.reseed(args.seed)  # every policy's measured batch: the same 15 durations
 
             async def one(i: int) -> None:
                 results.append(await generate(client, model, f"{policy.name} {i}"))
