@@ -70,6 +70,7 @@ from flux_mcp.simulator.app import ensure_rendered
 # The measured batches start this far apart, so one batch's 15 finishes do not meet another's on
 # the same CPUs (which would measure the machine, not the schedules).
 STAGGER_SECONDS = 5.0
+MEASURED_SEED_OFFSET = 1000  # the measured batches' draws: not a replay of the warm-ups'
 PROFILES = {  # label -> model; PIAPI_LIKE_PROFILES[model] sets the durations
     "~4 s (schnell)": "Qubico/flux1-schnell",
     "~20 s (dev)": "Qubico/flux1-dev",
@@ -218,7 +219,8 @@ async def run_policy(
                     async with connect(sim, policy, model, Path(throwaway)) as other:
                         await warm_up(other, model, args.warmups)
             await start.wait_turn(policy.name)
-            await sim.reseed(args.seed)  # every policy's measured batch: the same 15 durations
+            # Every policy's measured batch runs the same 15 durations, drawn apart from the warm-ups'.
+            await sim.reseed(args.seed + MEASURED_SEED_OFFSET)
 
             async def one(i: int) -> None:
                 results.append(await generate(client, model, f"{policy.name} {i}"))
