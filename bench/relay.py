@@ -24,7 +24,6 @@ instead.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,8 +32,8 @@ from datetime import datetime
 from pathlib import Path
 
 import anyio
-import httpx
-from scale import Session, free_port, percentile, wait_for_http
+import httpx2
+from scale import Session, clean_environment, free_port, percentile, start_simulator, stop, wait_for_http
 
 WOKEN = "woke a call waiting here"
 MODEL = "Qubico/flux1-dev-advanced"  # its prior at 512 px is ~9 s: the safety-net GET comes 4 s in
@@ -58,21 +57,15 @@ async def calls(url: str, n: int, tag: str) -> list[tuple[float, dict]]:
 
 
 def run(workers: int, n: int, task_seconds: float, tmp: Path) -> list[dict]:
-    sim_port, port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "PIAPI_"))}
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "flux_mcp", "simulator", "--port", str(sim_port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = free_port()
+    env = clean_environment()
+    sim, sim_url = start_simulator()
     server = None
     log_path = tmp / f"server-{workers}.log"
     try:
-        sim_url = f"http://127.0.0.1:{sim_port}"
         wait_for_http(sim_url + "/_simulator/config")
         config = {"pending_seconds": 0.5, "durations": {MODEL: task_seconds}}
-        httpx.post(sim_url + "/_simulator/config", json=config).raise_for_status()
+        httpx2.post(sim_url + "/_simulator/config", json=config).raise_for_status()
         server_env = {
             **env,
             "PIAPI_API_KEY": "sim-key",
@@ -90,16 +83,9 @@ def run(workers: int, n: int, task_seconds: float, tmp: Path) -> list[dict]:
         wait_for_http(f"http://127.0.0.1:{port}/mcp")
         time.sleep(1.0)  # every worker listening
         answers = anyio.run(calls, f"http://127.0.0.1:{port}/mcp", n, f"w{workers}-{time.time_ns()}")
-        log = httpx.get(sim_url + "/_simulator/log", timeout=60).json()
+        log = httpx2.get(sim_url + "/_simulator/log", timeout=60).json()
     finally:
-        for proc in (server, sim):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop(server, sim)
     text = log_path.read_text()
     rows = []
     for answered, result in answers:

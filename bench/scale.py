@@ -325,26 +325,45 @@ def bench_floor(n: int, args: argparse.Namespace) -> dict:
             "gets_per_task": 0.0,
         }
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
 
 
-def bench_one(n: int, workers: int, args: argparse.Namespace, tmp: Path) -> dict:
-    sim_port, port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "PIAPI_"))}
+def clean_environment() -> dict[str, str]:
+    """This environment without any server setting, so a run measures only what it sets."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "PIAPI_"))}
+
+
+def start_simulator() -> tuple[subprocess.Popen, str]:
+    """The built-in simulator in a process of its own on a free port: (process, base URL). The
+    caller waits for it (`wait_for_http(url + "/_simulator/config")`) and stops it (`stop`)."""
+    port = free_port()
     sim = subprocess.Popen(
-        [sys.executable, "-m", "flux_mcp", "simulator", "--port", str(sim_port)],
-        env=env,
+        [sys.executable, "-m", "flux_mcp", "simulator", "--port", str(port)],
+        env=clean_environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    return sim, f"http://127.0.0.1:{port}"
+
+
+def stop(*procs: subprocess.Popen | None) -> None:
+    """SIGINT each (a profiler in --server-prefix writes its file), then kill what does not exit."""
+    for proc in procs:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def bench_one(n: int, workers: int, args: argparse.Namespace, tmp: Path) -> dict:
+    port = free_port()
+    env = clean_environment()
+    sim, sim_url = start_simulator()
     server = None
     try:
-        sim_url = f"http://127.0.0.1:{sim_port}"
         wait_for_http(sim_url + "/_simulator/config")
         # Plain images (one PNG per size, drawn once): drawing a labelled image per task would cost
         # the simulator more CPU than the server spends on the whole task.
@@ -398,14 +417,7 @@ def bench_one(n: int, workers: int, args: argparse.Namespace, tmp: Path) -> dict
             "gets_per_task": gets / max(1, creates),
         }
     finally:
-        for proc in (server, sim):
-            if proc is not None:
-                proc.send_signal(signal.SIGINT)  # lets a profiler in --server-prefix write its file
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop(server, sim)
 
 
 def main() -> None:
