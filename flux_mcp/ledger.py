@@ -288,10 +288,7 @@ class TaskLedger:
         commit, i.e. one fsync for many writes. Like a thread call, an operation that has been
         queued is finished before a cancellation reaches its caller.
         """
-        if not self._opened:
-            async with self._open_lock:  # many first calls at once open the file once
-                if not self._opened:
-                    await self.open()
+        await self._ensure_open()
         op = _Operation(fn)
         self._queue.append(op)
         with anyio.CancelScope(shield=True):
@@ -316,13 +313,17 @@ class TaskLedger:
             raise op.error
         return op.result
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run the read-only `fn` on this process's reading connection (see `__init__`): it sees
-        every write that has returned, and waits for no batch of writes."""
+    async def _ensure_open(self) -> None:
+        """Open the file on the first operation; many first calls at once open it once."""
         if not self._opened:
             async with self._open_lock:
                 if not self._opened:
                     await self.open()
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run the read-only `fn` on this process's reading connection (see `__init__`): it sees
+        every write that has returned, and waits for no batch of writes."""
+        await self._ensure_open()
 
         def read() -> _T:
             if self._reader is None:
