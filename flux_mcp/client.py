@@ -31,6 +31,7 @@ import httpx2
 from flux_mcp import errors
 from flux_mcp.download import AddressPolicy, DownloadLimits, download_client, limited_body
 from flux_mcp.record import TaskRecord, is_valid_task_id
+from flux_mcp.transport import PooledTransport, needs_env_proxy
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +123,16 @@ class PiAPIClient:
         self.add_secret(api_key)
         timeout = httpx2.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds))
         # Requests wait for a connection here, in our own first-come-first-served line, never in
-        # the HTTP library's pool: its queue is re-scanned against every connection whenever one frees up,
-        # which cost most of the server's CPU with hundreds of tasks in flight. Every connection
-        # stays alive between requests (no reconnect per poll). API calls and downloads have a
+        # a pool's queue (httpx2's re-scanned its whole queue against every connection whenever one
+        # freed up). Connections come from `flux_mcp.transport` and stay alive between requests
+        # (no reconnect per poll). API calls and downloads have a
         # line each, so a burst of downloads never delays a poll.
         self._api_slots = anyio.CapacityLimiter(CONNECTIONS_PER_KIND)
         self._download_slots = anyio.CapacityLimiter(CONNECTIONS_PER_KIND)
         self._slot_wait_seconds = timeout_seconds
         self._http = http or httpx2.AsyncClient(
             timeout=timeout,
+            transport=None if needs_env_proxy(self.base_url) else PooledTransport(connections=CONNECTIONS_PER_KIND),
             limits=httpx2.Limits(max_connections=CONNECTIONS_PER_KIND, max_keepalive_connections=CONNECTIONS_PER_KIND),
             follow_redirects=False,  # API calls never follow; downloads follow at most 5 hops
             max_redirects=5,

@@ -30,6 +30,7 @@ import anyio
 import httpx2
 
 from flux_mcp import errors
+from flux_mcp.transport import PooledTransport
 
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -102,6 +103,7 @@ class AddressPolicy:
 # Host names whose connections are kept alive between downloads (PiAPI serves its images from one
 # or two); downloads from any further host open a connection each.
 KEEP_ALIVE_HOSTS = 8
+CONNECTIONS_PER_HOST = 20  # the client admits at most as many downloads at once in any case
 
 
 class GuardedTransport(httpx2.AsyncBaseTransport):
@@ -122,12 +124,10 @@ class GuardedTransport(httpx2.AsyncBaseTransport):
         if (transport := self._by_host.get(host)) is not None:
             return transport
         if len(self._by_host) < KEEP_ALIVE_HOSTS:
-            transport = self._by_host[host] = httpx2.AsyncHTTPTransport(trust_env=False)
+            transport = self._by_host[host] = PooledTransport(connections=CONNECTIONS_PER_HOST)
             return transport
         if self._one_shot is None:
-            self._one_shot = httpx2.AsyncHTTPTransport(
-                trust_env=False, limits=httpx2.Limits(max_keepalive_connections=0)
-            )
+            self._one_shot = PooledTransport(connections=CONNECTIONS_PER_HOST, keep_alive=False)
         return self._one_shot
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:

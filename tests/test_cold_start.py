@@ -23,15 +23,17 @@ from flux_mcp import tool_list
 
 # Never loaded by the stdio start path up to an answered tools/list.
 LATE_MODULES = (
-    "PIL", "httpx2", "httpcore2", "uvicorn", "starlette", "sqlite3", "statistics",
+    "PIL", "httpx2", "httpcore2", "aiohttp", "uvicorn", "starlette", "sqlite3", "statistics",
     "flux_mcp.simulator", "flux_mcp.client", "flux_mcp.ledger", "flux_mcp.lifecycle", "flux_mcp.polling",
     "flux_mcp.catalog", "flux_mcp.parameters", "flux_mcp.spend",
-    "flux_mcp.timing", "flux_mcp.admission", "flux_mcp.download", "flux_mcp.generate", "flux_mcp.settings_help",
+    "flux_mcp.timing", "flux_mcp.admission", "flux_mcp.download", "flux_mcp.transport", "flux_mcp.generate",
+    "flux_mcp.settings_help",
     "flux_mcp.http_app", "flux_mcp.webhooks", "flux_mcp.workers", "flux_mcp.demo",
 )  # fmt: skip
 # Not even the SDK loads these.
 NEVER_AT_START = (
     "PIL",
+    "aiohttp",
     "httpcore2",
     "sqlite3",
     "pydantic_settings",

@@ -1,0 +1,147 @@
+"""The connections under our HTTP client: an `httpx2` transport on aiohttp's connection pool.
+
+Every request to PiAPI and every image download is made by an `httpx2.AsyncClient`, so the request
+policy (`flux_mcp.client`), the download guard (`flux_mcp.download`), redirects and tests'
+`MockTransport` all stay on one API. Only the connections below it come from aiohttp, because
+that is where the time went: with hundreds of tasks in flight, httpx2's own pool re-checked every
+pooled socket (`getpeername` plus a poll) on each request, and a request cost about twice the CPU
+(`bench/scale.py` profiles; a GET against the simulator, 3,000 at once, 20 connections: 0.8-1.0 ms
+through httpx2's pool, 0.43-0.50 ms through this one).
+
+What it keeps from httpx2's own transport, so nothing above it changes:
+- the timeouts each request carries (`connect`, `read`, `pool`);
+- the `sni_hostname` extension (the download guard connects to a checked address and has TLS check
+  the host name);
+- the body as sent (aiohttp decompresses nothing; httpx2 decodes as before);
+- the same certificate store (`httpx2.create_ssl_context()`);
+- errors as httpx2's own exception types: a refused or timed-out connect (nothing was sent) stays
+  apart from a failure after the request went out, which the client needs to never pay twice.
+A proxy in the environment keeps httpx2's own transport (`needs_env_proxy`), which knows every
+proxy kind httpx2 does.
+"""
+
+from __future__ import annotations
+
+import functools
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import httpx2
+
+if TYPE_CHECKING:
+    import aiohttp
+
+
+def needs_env_proxy(url: str) -> bool:
+    """Whether the environment (`HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, ...) routes `url` through a
+    proxy, which is then left to httpx2's own transport."""
+    parsed = httpx2.URL(url)
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get(parsed.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass_environment(parsed.host, proxies)
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One certificate store for every connection (loading it costs time and memory)."""
+    return httpx2.create_ssl_context()
+
+
+class _Body(httpx2.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        import aiohttp
+
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except TimeoutError as exc:
+            raise httpx2.ReadTimeout(str(exc) or "read timed out", request=self._request) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise httpx2.ReadError(str(exc) or type(exc).__name__, request=self._request) from exc
+
+    async def aclose(self) -> None:
+        # A body read to its end returns the connection to the pool; one cut short closes it.
+        if self._response.content.is_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class PooledTransport(httpx2.AsyncBaseTransport):
+    """Up to `connections` connections, kept alive between requests unless `keep_alive=False`."""
+
+    def __init__(self, *, connections: int, keep_alive: bool = True) -> None:
+        self._connections = connections
+        self._keep_alive = keep_alive
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        import aiohttp  # on the first request: the server starts and lists its tools without it
+
+        connector = aiohttp.TCPConnector(limit=self._connections, force_close=not self._keep_alive, ssl=_tls_context())
+        # Everything about the request (headers, redirects, cookies, decoding) stays httpx2's.
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+        )
+        return self._session
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        import aiohttp
+        import yarl
+
+        session = self._session or self._open()
+        timeouts = request.extensions.get("timeout", {})
+        connect = timeouts.get("connect")
+        pool = timeouts.get("pool")
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None if connect is None or pool is None else connect + pool,
+            sock_connect=connect,
+            sock_read=timeouts.get("read"),
+        )
+        body = await request.aread()
+        sni = request.extensions.get("sni_hostname")
+        try:
+            response = await session.request(
+                request.method,
+                yarl.URL(str(request.url), encoded=True),
+                headers=request.headers.multi_items(),
+                data=body or None,
+                allow_redirects=False,
+                timeout=timeout,
+                server_hostname=sni.decode() if isinstance(sni, bytes) else sni,
+            )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise httpx2.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
+        except TimeoutError as exc:
+            raise httpx2.ReadTimeout(str(exc) or "read timed out", request=request) from exc
+        except aiohttp.ClientConnectorError as exc:  # refused, unresolvable, TLS refused: nothing sent
+            raise httpx2.ConnectError(str(exc), request=request) from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise httpx2.RemoteProtocolError(str(exc) or "server disconnected", request=request) from exc
+        except aiohttp.ClientResponseError as exc:  # an answer that is not HTTP
+            raise httpx2.RemoteProtocolError(exc.message or type(exc).__name__, request=request) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise httpx2.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        return httpx2.Response(
+            response.status,
+            headers=list(response.raw_headers),
+            stream=_Body(response, request),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode("latin-1")},
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
