@@ -136,7 +136,7 @@ def validate_arguments(model: type[BaseModel], arguments: Any) -> dict[str, Any]
     optional = {name for name, field in model.model_fields.items() if field.default is None}
     given = {k: v for k, v in arguments.items() if not (k in optional and (v is None or v == ""))}
     try:
-        return dict(model.model_validate(given))
+        return dict(model.model_validate(given).__dict__)  # the fields (extra ones are forbidden)
     except ValidationError as exc:
         raise InvalidInputError(c.describe_validation_error(exc)) from exc
 
