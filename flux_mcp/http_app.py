@@ -63,6 +63,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flux_mcp.server import ServerOptions, create_server
 from flux_mcp.settings import ConfigurationError, Settings
+from flux_mcp.warm import ready_to_serve
 
 MCP_PATH = "/mcp"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -265,4 +266,5 @@ def serve_http(settings: Settings, *, host: str, port: int, **uvicorn_options: A
     sock = bind_socket(host, port)
     announce(settings, sock, host)
     config = uvicorn.Config(app, log_config=None, log_level=settings.log_level.lower(), **uvicorn_options)
+    ready_to_serve()
     uvicorn.Server(config).run(sockets=[sock])

@@ -93,6 +93,7 @@ def _worker(settings: Settings, host: str, port: int, ready: Any) -> None:
     from flux_mcp.cli import _configure_logging
     from flux_mcp.http_app import build_http_app
     from flux_mcp.server import ServerOptions
+    from flux_mcp.warm import ready_to_serve
 
     _configure_logging(settings.log_level)
     options = ServerOptions()
@@ -105,6 +106,7 @@ def _worker(settings: Settings, host: str, port: int, ready: Any) -> None:
     sock.listen(2048)  # connections queue here from now on, while uvicorn starts
     ready.set()
     config = uvicorn.Config(app, log_config=None, log_level=settings.log_level.lower())
+    ready_to_serve()
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # pragma: no cover - the parent's terminal sent it to everyone
