@@ -6,7 +6,7 @@ it, then runs the demo or the tests inside it. Only Python 3.11+ is needed; `.ci
 commands, so what CI checks is what the README tells a new user to type.
 
     python3 dev.py demo          # the whole product against the built-in simulator
-    python3 dev.py test [ARGS]   # the core test suite (extra arguments go to pytest)
+    python3 dev.py test [ARGS]   # the core test suite, one process per core (extra arguments go to pytest)
     python3 dev.py lint          # ruff check and ruff format --check
     python3 dev.py examples      # every program in examples/, each in its own venv (slower)
     python3 dev.py wheel         # build wheel + sdist; run the wheel with uvx under the MCP Inspector CLI
@@ -58,6 +58,15 @@ def run(argv: list[str]) -> int:
     return subprocess.run(argv, cwd=ROOT, env=env).returncode
 
 
+def _workers(pytest_args: list[str]) -> list[str]:
+    """The core suite on one process per core, up to 4 (pytest-xdist), unless the arguments say
+    how many (`-n 0`: this one) or ask for `--pdb`."""
+    if any(a.startswith(("-n", "--numprocesses", "--pdb")) for a in pytest_args):
+        return []
+    cores = min(os.cpu_count() or 1, 4)
+    return ["-n", str(cores)] if cores > 1 else []
+
+
 def main(args: list[str]) -> int:
     command, rest = (args[0], args[1:]) if args else ("", [])
     if command not in {"demo", "test", "lint", *GROUPS}:
@@ -67,7 +76,7 @@ def main(args: list[str]) -> int:
     if command == "demo":
         return run([str(PYTHON), "-m", "flux_mcp", "demo", *rest])
     if command == "test":
-        return run([str(PYTHON), "-m", "pytest", "-q", *rest])
+        return run([str(PYTHON), "-m", "pytest", "-q", *_workers(rest), *rest])
     if command in GROUPS:
         return run([str(PYTHON), "-m", "pytest", "-q", "-m", GROUPS[command], *rest])
     ruff = [str(PYTHON), "-m", "ruff"]

@@ -224,3 +224,25 @@ def test_every_host_snippet_starts_the_server_with_uvx():
         assert servers["flux"]["command"] == "uvx" and servers["flux"]["args"][0] == "piapi-flux-mcp"
         assert "PIAPI_API_KEY" in servers["flux"]["env"]
     assert "claude mcp add flux --env PIAPI_API_KEY=" in install and "-- uvx piapi-flux-mcp" in install
+
+
+@pytest.mark.parametrize(
+    ("arguments", "cores", "expected"),
+    [
+        ([], 2, ["-n", "2"]),
+        (["tests/test_cli.py"], 16, ["-n", "4"]),  # at most 4: timing tests share the machine
+        ([], 1, []),
+        (["-n", "0"], 2, []),  # told how many
+        (["-n2"], 8, []),
+        (["--numprocesses=3"], 8, []),
+        (["--pdb"], 8, []),  # a debugger wants the one process
+    ],
+)
+def test_dev_test_runs_the_suite_on_one_process_per_core_unless_told(monkeypatch, arguments, cores, expected):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dev", ROOT / "dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    monkeypatch.setattr(dev.os, "cpu_count", lambda: cores)
+    assert dev._workers(arguments) == expected
