@@ -106,7 +106,7 @@ class Prior:
     run_seconds: float  # for 1 MP, one image
 
 
-# Wide on purpose (spread 1.0 for the queue, 0.35 for the run): they only have to beat a fixed
+# Wide on purpose (spread 1.0 for the queue, 0.25 for the run): they only have to beat a fixed
 # interval until a few tasks of the kind have finished.
 PRIORS: dict[str, Prior] = {
     Model.SCHNELL.value: Prior(queue_seconds=0.8, run_seconds=3.5),
