@@ -174,6 +174,40 @@ class _Operation:
         self.wake = anyio.Event()
 
 
+class _Line:
+    """Operations waiting for one connection, run in batches: one worker-thread call runs every
+    operation queued when it starts (`execute(batch)`), so a thousand calls in flight cost a
+    handful of thread hand-offs, not one round trip through a busy event loop each. Like a thread
+    call, an operation that has been queued is finished before a cancellation reaches its caller."""
+
+    def __init__(self, execute: Callable[[builtins.list[_Operation]], None], limiter: anyio.CapacityLimiter) -> None:
+        self._execute = execute
+        self._limiter = limiter  # one batch at a time (and nothing else on the connection meanwhile)
+        self._queue: builtins.list[_Operation] = []
+        self._draining = False
+
+    async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> _Operation:
+        op = _Operation(fn)
+        self._queue.append(op)
+        with anyio.CancelScope(shield=True):
+            while not op.finished:
+                if self._draining:
+                    await op.wake.wait()
+                    op.wake = anyio.Event()
+                    continue
+                self._draining = True
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    await anyio.to_thread.run_sync(self._execute, batch, limiter=self._limiter)
+                finally:
+                    self._draining = False
+                    for other in batch:
+                        other.wake.set()
+                    if self._queue:  # hand the next batch to a caller that is waiting for it
+                        self._queue[0].wake.set()
+        return op
+
+
 def _dumps(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -243,8 +277,8 @@ class TaskLedger:
         # a batch of writes runs, so a listing or a status look-up never queues behind writes.
         self._reader: sqlite3.Connection | None = None
         self._reading = anyio.CapacityLimiter(1)
-        self._queue: builtins.list[_Operation] = []
-        self._draining = False
+        self._writes = _Line(self._execute, self._funnel)
+        self._reads = _Line(self._execute_reads, self._reading)
 
     async def __aenter__(self) -> TaskLedger:
         await self.open()
@@ -281,37 +315,11 @@ class TaskLedger:
         return conn
 
     async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run `fn` on this process's connection, batched with whatever else is waiting.
-
-        Operations queue up while one batch runs; the next batch runs all of them in a single
-        transaction (each in its own savepoint, so one failing rolls back only itself) and one
-        commit, i.e. one fsync for many writes. Like a thread call, an operation that has been
-        queued is finished before a cancellation reaches its caller.
-        """
+        """Run `fn` on this process's connection, batched with whatever else is waiting: the next
+        batch runs all of them in a single transaction (each in its own savepoint, so one failing
+        rolls back only itself) and one commit, i.e. one fsync for many writes."""
         await self._ensure_open()
-        op = _Operation(fn)
-        self._queue.append(op)
-        with anyio.CancelScope(shield=True):
-            while not op.finished:
-                if self._draining:
-                    await op.wake.wait()
-                    op.wake = anyio.Event()
-                    continue
-                self._draining = True
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                try:
-                    await anyio.to_thread.run_sync(self._execute, batch, limiter=self._funnel)
-                finally:
-                    self._draining = False
-                    for other in batch:
-                        other.wake.set()
-                    if self._queue:  # hand the next batch to a caller that is waiting for it
-                        self._queue[0].wake.set()
-        if op.error is not None:
-            if isinstance(op.error, sqlite3.Error):
-                raise errors.StorageError(f"task ledger {self.path}: {op.error}") from op.error
-            raise op.error
-        return op.result
+        return self._outcome(await self._writes.run(fn))
 
     async def _ensure_open(self) -> None:
         """Open the file on the first operation; many first calls at once open it once."""
@@ -321,20 +329,36 @@ class TaskLedger:
                     await self.open()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run the read-only `fn` on this process's reading connection (see `__init__`): it sees
-        every write that has returned, and waits for no batch of writes."""
+        """Run the read-only `fn` on this process's reading connection (see `__init__`), batched
+        with the other reads waiting: it sees every write that has returned, and waits for no
+        batch of writes."""
         await self._ensure_open()
+        return self._outcome(await self._reads.run(fn))
 
-        def read() -> _T:
+    def _outcome(self, op: _Operation) -> Any:
+        if op.error is not None:
+            if isinstance(op.error, sqlite3.Error):
+                raise errors.StorageError(f"task ledger {self.path}: {op.error}") from op.error
+            raise op.error
+        return op.result
+
+    def _execute_reads(self, batch: builtins.list[_Operation]) -> None:
+        """In the worker thread: each read on its own, on the reading connection."""
+        try:
             if self._reader is None:
                 self._reader = self._connect()
                 self._reader.execute("PRAGMA query_only = 1")
-            return fn(self._reader)
-
-        try:
-            return await anyio.to_thread.run_sync(read, limiter=self._reading)
-        except sqlite3.Error as exc:
-            raise errors.StorageError(f"task ledger {self.path}: {exc}") from exc
+            for op in batch:
+                try:
+                    op.result = op.fn(self._reader)
+                except BaseException as exc:
+                    op.error = exc
+        except sqlite3.Error as exc:  # the connection could not be opened
+            for op in batch:
+                op.error = op.error or exc
+        finally:
+            for op in batch:
+                op.finished = True
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

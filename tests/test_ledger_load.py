@@ -63,6 +63,18 @@ async def test_a_thousand_concurrent_tasks_in_one_process(tmp_path: Path):
         assert all(len(entry.images) == 1 and entry.images[0].path for entry in completed)
 
 
+def recording(outcomes: dict[str, object]):
+    """`call(name, coro_fn)`: awaits `coro_fn()` and records its result or exception under `name`."""
+
+    async def call(name: str, coro_fn) -> None:
+        try:
+            outcomes[name] = await coro_fn()
+        except Exception as exc:
+            outcomes[name] = exc
+
+    return call
+
+
 WORKER = textwrap.dedent(
     """
     import json, sys
@@ -115,12 +127,7 @@ async def test_two_processes_on_one_ledger_under_load(tmp_path: Path):
 async def test_a_failing_operation_in_a_batch_rolls_back_alone(tmp_path: Path):
     """Calls made at once share one transaction; one that fails must not take the others with it."""
     outcomes: dict[str, object] = {}
-
-    async def call(name: str, coro_fn) -> None:
-        try:
-            outcomes[name] = await coro_fn()
-        except Exception as exc:
-            outcomes[name] = exc
+    call = recording(outcomes)
 
     async with TaskLedger(tmp_path / "tasks.sqlite3") as ledger:
         async with anyio.create_task_group() as tg:
@@ -175,3 +182,27 @@ async def test_reads_never_wait_for_a_batch_of_writes(tmp_path: Path):
                 release.set()
         assert answered_during_the_write
         assert [e.request["prompt"] for e in listed] == ["done"] and spent > 0
+
+
+async def test_reads_made_at_once_share_a_few_thread_calls_and_fail_alone(tmp_path: Path):
+    """A thousand calls in flight each look something up: the reads waiting when a batch starts
+    run in that one worker-thread call (one hand-off through a busy event loop, not one each),
+    and a read that fails fails only its own caller."""
+    outcomes: dict[str, object] = {}
+    call = recording(outcomes)
+
+    async with TaskLedger(tmp_path / "tasks.sqlite3") as ledger:
+        for n in range(5):
+            assert await one_task(ledger, f"t{n}")
+        batches: list[int] = []
+        execute = ledger._reads._execute
+        ledger._reads._execute = lambda batch: (batches.append(len(batch)), execute(batch))
+        async with anyio.create_task_group() as tg:
+            for n in range(100):
+                tg.start_soon(call, f"list{n}", lambda: ledger.list(limit=10))
+            tg.start_soon(call, "broken", lambda: ledger._read(lambda conn: conn.execute("SELECT nonsense")))
+            tg.start_soon(call, "spent", lambda: ledger.spent_since(0))
+        assert sum(batches) == 102 and len(batches) <= 3, batches
+        assert isinstance(outcomes.pop("broken"), errors.StorageError)
+        assert outcomes.pop("spent") == pytest.approx(5 * 0.0015)
+        assert all(len(listed) == 5 for listed in outcomes.values())
