@@ -165,7 +165,7 @@ class TaskService:
 
     async def would_reattach(self, tool: str, request: TaskRequest, idempotency_key: str | None) -> bool:
         """Whether `submit` would re-attach to a task already paid for (so costs nothing)."""
-        payload_fingerprint = await anyio.to_thread.run_sync(fingerprint, request.to_payload())
+        payload_fingerprint = await _fingerprint(request.to_payload())
         return await self.ledger.would_reattach(*self._idempotency(tool, payload_fingerprint, idempotency_key))
 
     async def submit(
@@ -185,12 +185,7 @@ class TaskService:
         webhook = request.config.webhook_config if request.config else None
         if webhook is not None:  # PiAPI may echo it in a task's error text: scrub it from answers
             self.client.add_secret(webhook.secret)
-        # Hashing a payload that carries a 20 MB data URI takes a noticeable time: off the loop. A
-        # plain one takes microseconds, less than the trip to a worker thread.
-        if _carries_data_uri(payload):
-            payload_fingerprint = await anyio.to_thread.run_sync(fingerprint, payload)
-        else:
-            payload_fingerprint = fingerprint(payload)
+        payload_fingerprint = await _fingerprint(payload)
         key, window = self._idempotency(tool, payload_fingerprint, idempotency_key)
         reservation = await self.ledger.reserve(
             idempotency_key=key,
@@ -594,6 +589,14 @@ class TaskService:
                 await self.ledger.record(await self.client.get_task(task_id))
             except errors.FluxError as exc:
                 log.info("could not refresh %s after the cancel: %s", task_id, exc.message)
+
+
+async def _fingerprint(payload: dict[str, Any]) -> str:
+    """Hashing a payload that carries a 20 MB data URI takes a noticeable time: off the loop. A
+    plain one takes microseconds, less than the trip to a worker thread."""
+    if _carries_data_uri(payload):
+        return await anyio.to_thread.run_sync(fingerprint, payload)
+    return fingerprint(payload)
 
 
 def _carries_data_uri(value: Any) -> bool:
