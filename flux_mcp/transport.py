@@ -13,7 +13,7 @@ What it keeps from httpx2's own transport, so nothing above it changes:
 - the `sni_hostname` extension (the download guard connects to a checked address and has TLS check
   the host name);
 - the body as sent (aiohttp decompresses nothing; httpx2 decodes as before);
-- the same certificate store (`httpx2.create_ssl_context()`);
+- the same certificate store (`httpx2.create_ssl_context()`), loaded once (`tls_context`);
 - errors as httpx2's own exception types: a refused or timed-out connect (nothing was sent) stays
   apart from a failure after the request went out, which the client needs to never pay twice.
 A proxy in the environment keeps httpx2's own transport (`needs_env_proxy`), which knows every
@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import anyio
 import httpx2
 
 if TYPE_CHECKING:
@@ -45,8 +46,10 @@ def needs_env_proxy(url: str) -> bool:
 
 
 @functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One certificate store for every connection (loading it costs time and memory)."""
+def tls_context() -> ssl.SSLContext:
+    """One certificate store for every connection: loading it takes a tenth of a second or more
+    and some memory, so it is loaded once, off the event loop (`PooledTransport`), or before an
+    HTTP server serves (`flux_mcp.warm`)."""
     return httpx2.create_ssl_context()
 
 
@@ -85,7 +88,7 @@ class PooledTransport(httpx2.AsyncBaseTransport):
     def _open(self) -> aiohttp.ClientSession:
         import aiohttp  # on the first request: the server starts and lists its tools without it
 
-        connector = aiohttp.TCPConnector(limit=self._connections, force_close=not self._keep_alive, ssl=_tls_context())
+        connector = aiohttp.TCPConnector(limit=self._connections, force_close=not self._keep_alive, ssl=tls_context())
         # Everything about the request (headers, redirects, cookies, decoding) stays httpx2's.
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -100,6 +103,8 @@ class PooledTransport(httpx2.AsyncBaseTransport):
         import aiohttp
         import yarl
 
+        if self._session is None:
+            await anyio.to_thread.run_sync(tls_context)  # cached: the first request loads it
         session = self._session or self._open()
         timeouts = request.extensions.get("timeout", {})
         connect = timeouts.get("connect")

@@ -3,8 +3,9 @@
 `serve --transport http` (and each `--workers` process) calls `ready_to_serve()` once, before it
 accepts a connection:
 - It loads now what a first tool call would load on demand (the HTTP client and its connection
-  pool, the ledger, image handling). The stdio server keeps loading these lazily: there, start-up
-  time is what an MCP host waits for; here, a first caller should not pay for it.
+  pool, the certificate store, the ledger, image handling). The stdio server keeps loading these
+  lazily: there, start-up time is what an MCP host waits for; here, a first caller should not pay
+  for it.
 - It tells the garbage collector that everything alive at that point lives as long as the process
   (`gc.freeze`): modules, classes and functions are never scanned again.
 - A full collection comes after 100 middle-generation ones instead of 10. The objects of a
@@ -46,6 +47,9 @@ FULL_COLLECTION_AFTER = 100  # middle-generation collections (Python's default: 
 def ready_to_serve() -> None:
     for name in FIRST_CALL_MODULES:
         importlib.import_module(name)
+    from flux_mcp.transport import tls_context
+
+    tls_context()  # the certificate store, loaded before the first call rather than during it
     gc.collect()
     gc.freeze()
     young, middle, _ = gc.get_threshold()

@@ -18,7 +18,10 @@ from flux_mcp.warm import ready_to_serve
 
 threshold = gc.get_threshold()
 ready_to_serve()
+from flux_mcp.transport import tls_context
+
 ready = {"frozen": gc.get_freeze_count(), "before": threshold, "after": gc.get_threshold()}
+ready["certificates_loaded"] = tls_context.cache_info().currsize == 1
 loaded = set(sys.modules)
 
 async def first_call():
@@ -48,6 +51,7 @@ def test_a_first_call_after_ready_to_serve_loads_nothing_more_and_startup_object
     assert done.returncode == 0, done.stderr
     ready = json.loads(done.stdout.splitlines()[-1])
     assert ready["loaded_by_the_call"] == [], ready["loaded_by_the_call"]  # the call paid for no import
+    assert ready["certificates_loaded"]  # not on the event loop during the first call
     assert ready["frozen"] > 10_000  # modules, classes, functions: never scanned again
     young, middle, full = ready["after"]
     assert [young, middle] == ready["before"][:2] and full > ready["before"][2]
