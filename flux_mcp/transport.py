@@ -9,15 +9,15 @@ pooled socket (`getpeername` plus a poll) on each request, and a request cost ab
 through httpx2's pool, 0.43-0.50 ms through this one).
 
 What it keeps from httpx2's own transport, so nothing above it changes:
-- the timeouts each request carries (`connect`, `read`, `pool`);
+- the timeouts each request carries (`connect`, `read`; `write` bounds the sending of a body);
 - the `sni_hostname` extension (the download guard connects to a checked address and has TLS check
   the host name);
 - the body as sent (aiohttp decompresses nothing; httpx2 decodes as before);
 - the same certificate store (`httpx2.create_ssl_context()`), loaded once (`tls_context`);
 - errors as httpx2's own exception types: a refused or timed-out connect (nothing was sent) stays
   apart from a failure after the request went out, which the client needs to never pay twice.
-A proxy in the environment keeps httpx2's own transport (`needs_env_proxy`), which knows every
-proxy kind httpx2 does.
+A proxy set up for the URL's scheme (environment or system settings) keeps httpx2's own transport
+(`needs_env_proxy`), which knows every proxy kind httpx2 does.
 """
 
 from __future__ import annotations
@@ -36,13 +36,11 @@ if TYPE_CHECKING:
 
 
 def needs_env_proxy(url: str) -> bool:
-    """Whether the environment (`HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, ...) routes `url` through a
-    proxy, which is then left to httpx2's own transport."""
-    parsed = httpx2.URL(url)
-    proxies = urllib.request.getproxies_environment()
-    if not (proxies.get(parsed.scheme) or proxies.get("all")):
-        return False
-    return not urllib.request.proxy_bypass_environment(parsed.host, proxies)
+    """Whether a proxy is set up for `url`'s scheme (`HTTPS_PROXY`, `ALL_PROXY`, or the system's
+    settings on macOS and Windows): then httpx2's own transport decides everything, `NO_PROXY`
+    included, exactly as it did before this module existed."""
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get(httpx2.URL(url).scheme) or proxies.get("all"))
 
 
 @functools.cache
@@ -84,6 +82,7 @@ class PooledTransport(httpx2.AsyncBaseTransport):
         self._connections = connections
         self._keep_alive = keep_alive
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _open(self) -> aiohttp.ClientSession:
         import aiohttp  # on the first request: the server starts and lists its tools without it
@@ -105,48 +104,60 @@ class PooledTransport(httpx2.AsyncBaseTransport):
 
         if self._session is None:
             await anyio.to_thread.run_sync(tls_context)  # cached: the first request loads it
+        if self._closed:
+            raise httpx2.ConnectError("the connection pool is closed", request=request)
         session = self._session or self._open()
         timeouts = request.extensions.get("timeout", {})
-        connect = timeouts.get("connect")
-        pool = timeouts.get("pool")
         timeout = aiohttp.ClientTimeout(
             total=None,
-            connect=None if connect is None or pool is None else connect + pool,
-            sock_connect=connect,
+            connect=timeouts.get("connect"),  # we never wait in aiohttp's queue: callers hold a slot each
+            sock_connect=timeouts.get("connect"),
             sock_read=timeouts.get("read"),
         )
         body = await request.aread()
+        # aiohttp has no write time-out (its read time-out starts once the body is sent): a request
+        # with a body gets as long as all its time-outs together, then fails as httpx2's would.
+        write = timeouts.get("write")
+        sending = None if not body or write is None else sum(t or 0.0 for t in timeouts.values()) or None
         sni = request.extensions.get("sni_hostname")
-        try:
-            response = await session.request(
-                request.method,
-                yarl.URL(str(request.url), encoded=True),
-                headers=request.headers.multi_items(),
-                data=body or None,
-                allow_redirects=False,
-                timeout=timeout,
-                server_hostname=sni.decode() if isinstance(sni, bytes) else sni,
-            )
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise httpx2.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
-        except TimeoutError as exc:
-            raise httpx2.ReadTimeout(str(exc) or "read timed out", request=request) from exc
-        except aiohttp.ClientConnectorError as exc:  # refused, unresolvable, TLS refused: nothing sent
-            raise httpx2.ConnectError(str(exc), request=request) from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise httpx2.RemoteProtocolError(str(exc) or "server disconnected", request=request) from exc
-        except aiohttp.ClientResponseError as exc:  # an answer that is not HTTP
-            raise httpx2.RemoteProtocolError(exc.message or type(exc).__name__, request=request) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise httpx2.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        response = None
+        with anyio.move_on_after(sending):
+            try:
+                response = await session.request(
+                    request.method,
+                    yarl.URL(str(request.url), encoded=True),
+                    headers=request.headers.multi_items(),
+                    data=body or None,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    server_hostname=sni.decode() if isinstance(sni, bytes) else sni,
+                )
+            except aiohttp.ConnectionTimeoutError as exc:
+                raise httpx2.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
+            except TimeoutError as exc:
+                raise httpx2.ReadTimeout(str(exc) or "read timed out", request=request) from exc
+            except aiohttp.ClientConnectorError as exc:  # refused, unresolvable, TLS refused: nothing sent
+                raise httpx2.ConnectError(str(exc), request=request) from exc
+            except aiohttp.ServerDisconnectedError as exc:
+                raise httpx2.RemoteProtocolError(str(exc) or "server disconnected", request=request) from exc
+            except aiohttp.ClientResponseError as exc:  # an answer that is not HTTP
+                raise httpx2.RemoteProtocolError(exc.message or type(exc).__name__, request=request) from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                raise httpx2.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        if response is None:
+            raise httpx2.WriteTimeout("the request could not be sent within its time-outs", request=request)
+        # The status line's reason is bytes; aiohttp decoded them as UTF-8, keeping any others as
+        # surrogates: this gives the bytes back whatever they were.
+        reason = (response.reason or "").encode("utf-8", "surrogateescape")
         return httpx2.Response(
             response.status,
             headers=list(response.raw_headers),
             stream=_Body(response, request),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode("latin-1")},
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
         )
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None

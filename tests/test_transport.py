@@ -205,13 +205,69 @@ async def test_the_request_timeouts_are_the_ones_httpx2_was_given():
         ({"HTTPS_PROXY": "http://proxy.corp:3128"}, "https://api.piapi.ai", True),
         ({"HTTPS_PROXY": "http://proxy.corp:3128"}, "http://127.0.0.1:9000", False),  # only https is proxied
         ({"ALL_PROXY": "socks5://proxy.corp:1080"}, "http://127.0.0.1:9000", True),
-        ({"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": "piapi.ai"}, "https://api.piapi.ai", False),
+        # NO_PROXY included: httpx2 reads it by its own rules, which differ from urllib's.
+        ({"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": "piapi.ai"}, "https://api.piapi.ai", True),
     ],
 )
-def test_a_proxy_in_the_environment_is_left_to_httpx2(monkeypatch, environment, url, expected):
+def test_a_proxy_set_up_for_the_scheme_is_left_to_httpx2(monkeypatch, environment, url, expected):
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert needs_env_proxy(url) is expected
+
+
+def test_a_system_proxy_without_environment_variables_is_left_to_httpx2(monkeypatch):
+    """On macOS and Windows the proxy often comes from the system's settings alone."""
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {"https": "http://proxy.corp:3128"})
+    assert needs_env_proxy("https://api.piapi.ai")
+
+
+async def test_a_body_the_server_never_reads_ends_at_the_time_outs_and_a_create_is_uncertain():
+    """aiohttp has no write time-out of its own: a stalled upload (a create carrying a large data
+    URI) must still end once the request's time-outs are spent, and the create is never resent."""
+    import asyncio
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing: past the stream's small buffer, the sender stalls
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0, limit=1024)
+    port = server.sockets[0].getsockname()[1]
+    data_uri = "data:image/png;base64," + "A" * 30_000_000
+    big = {"model": "Qubico/flux1-dev", "task_type": "img2img", "input": {"image": data_uri}}
+    try:
+        async with client(f"http://127.0.0.1:{port}", timeout_seconds=0.5) as api:
+            with anyio.fail_after(15):  # connect + write + read + pool = 2 s, not this
+                with pytest.raises(errors.SubmitUncertainError):
+                    await api.create_task(big)
+        assert len(accepted) == 1
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+
+
+async def test_a_reason_phrase_in_any_bytes_is_not_a_crash():
+    """RFC 9112 allows any byte above 0x7f in the reason phrase."""
+
+    async def odd_reason(stream: SocketStream, request: bytes) -> None:
+        await stream.send(task_answer().replace(b"200 OK", "200 N\u00e3o".encode("latin-1"), 1))
+
+    async with raw_server(odd_reason) as (base, _), client(base) as api:
+        assert (await api.get_task("t-1")).task_id == "t-1"
+        assert (await api.create_task(PAYLOAD)).task_id == "t-1"
+
+
+async def test_a_closed_pool_opens_no_new_connections():
+    transport = PooledTransport(connections=2)
+    async with raw_server(answer) as (base, received):
+        async with httpx2.AsyncClient(transport=transport) as http:
+            await http.get(base + "/")
+        with pytest.raises(httpx2.ConnectError):
+            await transport.handle_async_request(httpx2.Request("GET", base + "/"))
+    assert len(received) == 1
