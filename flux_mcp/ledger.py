@@ -199,6 +199,10 @@ class _Line:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 try:
                     await anyio.to_thread.run_sync(self._execute, batch, limiter=self._limiter)
+                except BaseException as exc:  # the batch could not run at all (e.g. the file would not open)
+                    for other in batch:
+                        if not other.finished:
+                            other.error, other.finished = exc, True
                 finally:
                     self._draining = False
                     for other in batch:
@@ -343,22 +347,22 @@ class TaskLedger:
         return op.result
 
     def _execute_reads(self, batch: builtins.list[_Operation]) -> None:
-        """In the worker thread: each read on its own, on the reading connection."""
-        try:
-            if self._reader is None:
-                self._reader = self._connect()
-                self._reader.execute("PRAGMA query_only = 1")
-            for op in batch:
-                try:
-                    op.result = op.fn(self._reader)
-                except BaseException as exc:
-                    op.error = exc
-        except sqlite3.Error as exc:  # the connection could not be opened
-            for op in batch:
-                op.error = op.error or exc
-        finally:
-            for op in batch:
-                op.finished = True
+        """In the worker thread: each read on its own, on the reading connection (opened on first
+        use; if it cannot be, `_Line` hands that error to every read of the batch)."""
+        if self._reader is None:
+            reader = self._connect()
+            try:
+                reader.execute("PRAGMA query_only = 1")
+            except BaseException:
+                reader.close()
+                raise
+            self._reader = reader
+        for op in batch:
+            try:
+                op.result = op.fn(self._reader)
+            except BaseException as exc:
+                op.error = exc
+            op.finished = True
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -366,7 +370,8 @@ class TaskLedger:
         return self._conn
 
     def _execute(self, batch: builtins.list[_Operation]) -> None:
-        """In the worker thread: one operation alone, or several in one transaction."""
+        """In the worker thread: one operation alone, or several in one transaction (if the
+        connection cannot be opened, `_Line` hands that error to the whole batch)."""
         conn = self._connection()
         if len(batch) == 1:
             op = batch[0]

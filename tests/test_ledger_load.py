@@ -206,3 +206,40 @@ async def test_reads_made_at_once_share_a_few_thread_calls_and_fail_alone(tmp_pa
         assert isinstance(outcomes.pop("broken"), errors.StorageError)
         assert outcomes.pop("spent") == pytest.approx(5 * 0.0015)
         assert all(len(listed) == 5 for listed in outcomes.values())
+
+
+@pytest.mark.parametrize("broken", ["writes", "reads"])
+async def test_a_connection_that_cannot_be_opened_fails_every_waiting_caller_and_hangs_none(tmp_path: Path, broken):
+    """The ledger reopens a connection it had to drop (or after `aclose`). If that fails, every
+    caller whose operation was queued gets the error, at once; the next operation opens it again."""
+    import sqlite3
+
+    async with TaskLedger(tmp_path / "tasks.sqlite3") as ledger:
+        assert await one_task(ledger, "before")
+        await ledger.aclose()  # both connections are reopened on the next use
+        real_connect, failures = ledger._connect, [1]
+
+        def connect_failing_once():
+            if failures:
+                failures.pop()
+                raise sqlite3.OperationalError("unable to open database file")
+            return real_connect()
+
+        ledger._connect = connect_failing_once
+        outcomes: dict[str, object] = {}
+        call = recording(outcomes)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for n in range(20):
+                    if broken == "writes":
+                        tg.start_soon(call, f"w{n}", lambda n=n: one_task(ledger, f"w{n}"))
+                    else:
+                        tg.start_soon(call, f"r{n}", lambda: ledger.list(limit=10))
+        failed = [o for o in outcomes.values() if isinstance(o, errors.StorageError)]
+        assert failed and "unable to open database file" in str(failed[0])
+        assert all(isinstance(o, errors.StorageError) or o is True or isinstance(o, list) for o in outcomes.values())
+        if broken == "reads":  # a read that fails never passes for an empty answer
+            assert all(isinstance(o, errors.StorageError) or len(o) >= 1 for o in outcomes.values())
+        with anyio.fail_after(10):
+            assert await one_task(ledger, "after")
+            assert len(await ledger.list(limit=100)) >= 2
