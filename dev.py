@@ -60,8 +60,8 @@ def run(argv: list[str]) -> int:
 
 def _workers(pytest_args: list[str]) -> list[str]:
     """The core suite on one process per core, up to 4 (pytest-xdist), unless the arguments say
-    how many (`-n 0`: this one) or ask for `--pdb`."""
-    if any(a.startswith(("-n", "--numprocesses", "--pdb")) for a in pytest_args):
+    how many (`-n 0`: this one), ask for `--pdb`, or turn the plugin off (`-p no:xdist`)."""
+    if any(a.startswith(("-n", "--numprocesses", "--pdb", "no:xdist")) for a in pytest_args):
         return []
     cores = min(os.cpu_count() or 1, 4)
     return ["-n", str(cores)] if cores > 1 else []

@@ -52,6 +52,7 @@ class Subscription:
             return
         # One cancel scope, ended by `deliver`: no helper tasks to start and cancel on every wait
         # (with a thousand calls waiting, those showed in the server's profile).
+        assert self._sleeping is None, "one waiter per subscription"  # a delivery ends only the one wait
         with anyio.CancelScope() as scope:
             self._sleeping = scope
             try:

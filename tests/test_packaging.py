@@ -236,6 +236,7 @@ def test_every_host_snippet_starts_the_server_with_uvx():
         (["-n2"], 8, []),
         (["--numprocesses=3"], 8, []),
         (["--pdb"], 8, []),  # a debugger wants the one process
+        (["-p", "no:xdist"], 8, []),
     ],
 )
 def test_dev_test_runs_the_suite_on_one_process_per_core_unless_told(monkeypatch, arguments, cores, expected):
