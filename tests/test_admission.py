@@ -145,7 +145,9 @@ async def test_requests_queued_when_the_server_died_are_submitted_once_by_a_repe
     params.args = ["-c", f"import os; open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n{SERVER}"]
     async with Client(params) as first, anyio.create_task_group() as tg:
         tg.start_soon(call, first, "running")
-        await anyio.sleep(0.3)
+        with anyio.fail_after(20):  # its create reached PiAPI (a first call loads the core first)
+            while not creates(sim):
+                await anyio.sleep(0.02)
         tg.start_soon(lambda: call(first, "waiting", progress_callback=on_progress))
         with anyio.fail_after(10):
             await queued_seen.wait()
