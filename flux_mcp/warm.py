@@ -15,7 +15,7 @@ accepts a connection:
 
 Measured with `python bench/scale.py -n 1000`, the collector timed through `gc.callbacks`: 9 full
 collections took 1.9 s of the server's CPU, the longest a 0.5 s pause for every call in flight;
-with both, over four runs, 2 or 3 took 0.08-0.47 s, the longest pause of any collection 58-386 ms.
+with both, over three runs, 2 or 3 took 0.08-0.47 s, the longest pause of any collection 58-386 ms.
 """
 
 from __future__ import annotations
