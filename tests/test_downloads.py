@@ -195,6 +195,59 @@ async def test_downloads_reuse_a_connection_per_host_name_and_never_across_names
     assert len({p for _, p in peers}) == len(set(names)) + 1  # otherwise one per name, never shared
 
 
+async def test_tls_to_a_pinned_address_checks_the_certificate_against_the_host_name(monkeypatch):
+    """The guard connects to the address it checked, not to the name: TLS must still verify the
+    certificate for the name (sent as SNI). A name the certificate does not cover, at the same
+    address, gets nothing: the connection fails before any request is sent."""
+    import asyncio
+    import ssl
+
+    import trustme
+
+    from flux_mcp import download, transport
+
+    ca = trustme.CA()
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("images.example.com").configure_cert(served)
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    monkeypatch.setattr(transport, "tls_context", lambda: trusted)
+    monkeypatch.setattr(download, "_is_public", lambda address: True)  # both names resolve to loopback
+    requests: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            requests.append(await reader.readuntil(b"\r\n\r\n"))
+            body = png()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        writer.close()
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=served)
+    port = server.sockets[0].getsockname()[1]
+    policy = AddressPolicy("https://api.piapi.ai", resolve=resolve)
+    try:
+        async with PiAPIClient(
+            "https://api.piapi.ai",
+            "key-0000",
+            download_http=download_client(policy, timeout=httpx2.Timeout(5.0), limits=DownloadLimits()),
+        ) as client:
+            async with client.stream_download(f"https://images.example.com:{port}/i.png") as body:
+                assert b"".join([chunk async for chunk in body.aiter_bytes()]).startswith(b"\x89PNG")
+            with pytest.raises(errors.NetworkError, match="ConnectError"):
+                async with client.stream_download(f"https://evil.example.com:{port}/i.png"):
+                    pass
+    finally:
+        server.close()
+    assert len(requests) == 1 and requests[0].startswith(b"GET /i.png HTTP/1.1\r\n")
+    assert b"host: images.example.com" in requests[0].lower()
+
+
 # --- time: a dripping body cannot hold a call ------------------------------------------------------
 
 
