@@ -4,6 +4,7 @@ Policy, all here so no code path can bypass it:
 - Auth: `X-API-Key` is attached per request, and only to requests for PiAPI's own base URL. Image
   downloads (CDN URLs that PiAPI returns) go out without it, so the key never leaks to another host.
 - Timeouts: explicit connect/read/write/pool timeouts on every request.
+- Size: an answer is read up to `MAX_ANSWER_BYTES` (after decoding), never past it.
 - Errors: HTTP status, PiAPI's `{code, data, message}` envelope and transport failures become
   `FluxError` subclasses with a category and a `retryable` flag; the key is scrubbed from any text.
 - Retries: GET and DELETE are retried with capped exponential backoff, full jitter and
@@ -16,6 +17,7 @@ Policy, all here so no code path can bypass it:
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -97,6 +99,21 @@ def _retry_after_seconds(response: httpx2.Response) -> float | None:
 
 
 CONNECTIONS_PER_KIND = 20  # open connections for API calls, and as many for downloads
+# A task object is a few kilobytes (a batch of four images included): a larger answer is not
+# PiAPI's, and is not read past this.
+MAX_ANSWER_BYTES = 1024 * 1024
+
+
+async def _read_answer(response: httpx2.Response) -> bytes | None:
+    """The whole (decoded) answer, or None once it passes MAX_ANSWER_BYTES."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class PiAPIClient:
@@ -256,8 +273,11 @@ class PiAPIClient:
         headers = {"X-API-Key": self._api_key, "Accept": "application/json"}
         is_create = method == "POST"
         try:
-            async with self._slot(self._api_slots, task_id):
-                response = await self._http.request(method, self.base_url + path, json=json, headers=headers)
+            async with (
+                self._slot(self._api_slots, task_id),
+                self._http.stream(method, self.base_url + path, json=json, headers=headers) as response,
+            ):
+                body = await _read_answer(response)
         except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
             # Nothing was sent: safe to retry, even the create.
             raise errors.NetworkError(f"could not connect to PiAPI ({type(exc).__name__})", task_id=task_id) from exc
@@ -274,7 +294,12 @@ class PiAPIClient:
                     "the task may exist"
                 ) from exc
             raise errors.NetworkError(f"connection to PiAPI failed ({type(exc).__name__})", task_id=task_id) from exc
-        return self._parse(response, task_id=task_id, is_create=is_create)
+        if body is None:
+            message = f"PiAPI's answer to {method} was larger than {MAX_ANSWER_BYTES} bytes"
+            if is_create:
+                raise errors.SubmitUncertainError(f"{message}; the task may exist")
+            raise errors.UpstreamError(message, task_id=task_id, status_code=response.status_code)
+        return self._parse(response, body, task_id=task_id, is_create=is_create)
 
     def add_secret(self, value: str | None) -> None:
         """Also scrub `value` (e.g. a webhook secret) from everything PiAPI sends back."""
@@ -294,10 +319,12 @@ class PiAPIClient:
             return [self.scrub(v) for v in value]
         return value
 
-    def _parse(self, response: httpx2.Response, *, task_id: str | None, is_create: bool) -> dict[str, Any]:
+    def _parse(
+        self, response: httpx2.Response, answer: bytes, *, task_id: str | None, is_create: bool
+    ) -> dict[str, Any]:
         status = response.status_code
         try:
-            body = response.json()
+            body = json.loads(answer)
         except ValueError:
             body = None
         envelope_message = ""

@@ -214,3 +214,36 @@ async def test_an_uncertain_create_keeps_any_task_id_the_answer_carried():
     with pytest.raises(errors.SubmitUncertainError) as info:
         await make_client(script).create_task(PAYLOAD)
     assert info.value.task_id == "t-9"
+
+
+def oversized(*, gzipped: bool = False) -> httpx2.Response:
+    """A 200 whose body is a task padded past MAX_ANSWER_BYTES (or, gzipped, a few kilobytes that
+    decode to that: the cap counts what the answer decodes to)."""
+    import gzip
+
+    from flux_mcp.client import MAX_ANSWER_BYTES
+
+    body = json.dumps({"code": 200, "data": task(padding="x" * MAX_ANSWER_BYTES)}).encode()
+    if gzipped:
+        return httpx2.Response(200, content=gzip.compress(body), headers={"Content-Encoding": "gzip"})
+    return httpx2.Response(200, content=body)
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+async def test_an_answer_larger_than_a_task_object_is_refused(gzipped):
+    script = Script(oversized(gzipped=gzipped))
+    with pytest.raises(errors.UpstreamError, match="larger than") as caught:
+        await make_client(script).get_task("t-1")
+    assert caught.value.retryable and len(script.requests) == 4  # retried like any upstream failure
+    script = Script(oversized(gzipped=gzipped))
+    with pytest.raises(errors.SubmitUncertainError, match="larger than"):
+        await make_client(script).create_task(PAYLOAD)
+    assert len(script.requests) == 1  # the task may exist: never resent
+
+
+async def test_an_answer_just_under_the_cap_is_read():
+    from flux_mcp.client import MAX_ANSWER_BYTES
+
+    padding = "x" * (MAX_ANSWER_BYTES - 200)
+    record = await make_client(Script(ok(task(padding=padding)))).get_task("t-1")
+    assert record.task_id == "t-1"
