@@ -142,8 +142,9 @@ class PiAPIClient:
         # Requests wait for a connection here, in our own first-come-first-served line, never in
         # a pool's queue (httpx2's re-scanned its whole queue against every connection whenever one
         # freed up). Connections come from `flux_mcp.transport` and stay alive between requests
-        # (no reconnect per poll). API calls and downloads have a
-        # line each, so a burst of downloads never delays a poll.
+        # (no reconnect per poll). API calls and downloads have a line each, so a burst of
+        # downloads never delays a poll. (`limits` applies only where a proxy keeps httpx2's own
+        # transport.)
         self._api_slots = anyio.CapacityLimiter(CONNECTIONS_PER_KIND)
         self._download_slots = anyio.CapacityLimiter(CONNECTIONS_PER_KIND)
         self._slot_wait_seconds = timeout_seconds
