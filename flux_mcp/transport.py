@@ -51,6 +51,24 @@ def tls_context() -> ssl.SSLContext:
     return httpx2.create_ssl_context()
 
 
+def _as_httpx2(exc: BaseException, request: httpx2.Request) -> httpx2.TransportError:
+    """An aiohttp failure (while sending, or while reading the body) as httpx2 would have raised
+    it. Only a failed connect says nothing was sent."""
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx2.ConnectTimeout(str(exc) or "connect timed out", request=request)
+    if isinstance(exc, TimeoutError):
+        return httpx2.ReadTimeout(str(exc) or "read timed out", request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unresolvable, TLS refused: nothing sent
+        return httpx2.ConnectError(str(exc), request=request)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return httpx2.RemoteProtocolError(str(exc) or "server disconnected", request=request)
+    if isinstance(exc, aiohttp.ClientResponseError):  # an answer that is not HTTP
+        return httpx2.RemoteProtocolError(exc.message or type(exc).__name__, request=request)
+    return httpx2.ReadError(str(exc) or type(exc).__name__, request=request)
+
+
 class _Body(httpx2.AsyncByteStream):
     def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request) -> None:
         self._response = response
@@ -62,10 +80,8 @@ class _Body(httpx2.AsyncByteStream):
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except TimeoutError as exc:
-            raise httpx2.ReadTimeout(str(exc) or "read timed out", request=self._request) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise httpx2.ReadError(str(exc) or type(exc).__name__, request=self._request) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _as_httpx2(exc, self._request) from exc
 
     async def aclose(self) -> None:
         # A body read to its end returns the connection to the pool; one cut short closes it.
@@ -132,18 +148,8 @@ class PooledTransport(httpx2.AsyncBaseTransport):
                     timeout=timeout,
                     server_hostname=sni.decode() if isinstance(sni, bytes) else sni,
                 )
-            except aiohttp.ConnectionTimeoutError as exc:
-                raise httpx2.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
-            except TimeoutError as exc:
-                raise httpx2.ReadTimeout(str(exc) or "read timed out", request=request) from exc
-            except aiohttp.ClientConnectorError as exc:  # refused, unresolvable, TLS refused: nothing sent
-                raise httpx2.ConnectError(str(exc), request=request) from exc
-            except aiohttp.ServerDisconnectedError as exc:
-                raise httpx2.RemoteProtocolError(str(exc) or "server disconnected", request=request) from exc
-            except aiohttp.ClientResponseError as exc:  # an answer that is not HTTP
-                raise httpx2.RemoteProtocolError(exc.message or type(exc).__name__, request=request) from exc
-            except (aiohttp.ClientError, OSError) as exc:
-                raise httpx2.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise _as_httpx2(exc, request) from exc
         if response is None:
             raise httpx2.WriteTimeout("the request could not be sent within its time-outs", request=request)
         # The status line's reason is bytes; aiohttp decoded them as UTF-8, keeping any others as
