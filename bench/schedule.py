@@ -73,6 +73,7 @@ def batch(model: str, rng: random.Random, *, warm: bool) -> tuple[list[float], l
             lags.append(now - sum(tasks[task_id]))
             gets.append(planner.spent(task_id))
             planner.learn(task_id, seen)
+        planner.observe(task_id, kind, seen, now)  # as the server's wait does with every answer
             continue
         heapq.heappush(due, (schedules[task_id].next_poll(seen, now=now, scheduled=scheduled), task_id))
     return lags, gets

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -365,6 +366,7 @@ class TaskService:
                     last_known=last_known,
                     inbox=inbox,
                     on_poll=lambda: self.planner.count_poll(task_id),
+                    on_seen=partial(self.planner.observe, task_id, kind) if kind is not None else None,
                 )
         except errors.NotFoundError:
             return await self._forgotten(task_id)

@@ -15,17 +15,24 @@ Where the polls go is a `Schedule`:
   distributions (`flux_mcp.timing`), conditioned on what is known now (still pending some time
   after `created_at`, or processing since `started_at`), the remaining polls of a per-task GET
   budget go at equal steps of completion probability up to the 98th percentile, which is where
-  they detect completion soonest for their number. Short kinds get up to 1.5x the budget
-  (`planned_budget`): our own fixed work on each result is a larger share of their wait. Past
-  that (an outlier, or the budget spent) the tail polls at growing intervals from a floor, so a
-  task far past its expected end slows down instead of hammering PiAPI. While a kind has no
-  learned samples yet (the priors only), the budget is one GET per `COLD_SECONDS_PER_GET` of
-  expected time, and no gap is longer than the task's age (twice it for kinds expected to take
-  over 10 s; at least `COLD_GAP_SECONDS`, less on a backend seen to run faster than the priors),
-  so a backend far faster than the prior is still noticed soon. A kind with no estimate at all
-  uses `FALLBACK`, a capped geometric schedule. With push delivery, polling is a sparse safety
-  net: one poll near the 90th percentile, then the tail (a gap of at least
-  `COLD_PUSH_GAP_SECONDS` while cold).
+  they detect completion soonest for their number. The estimate is re-read at each poll and, for
+  a learned kind, refitted with the tasks of the kind still running here (each known, from a
+  fresh answer, to take at least as long as it had run then): the first tasks of a batch to
+  finish re-place the polls of the rest, without teaching them that the kind is as quick as its
+  quickest. Short kinds get up to 1.5x the budget (`planned_budget`): our own fixed work on each
+  result is a larger share of their wait. A task already past its expected end spends its last
+  planned poll no more than `LATE_SHARE` of its age later (1 s at least), not at the conditional
+  98th percentile. Past that (an outlier, or the budget spent) the tail polls at growing
+  intervals from a floor, so a task far past its expected end slows down instead of hammering
+  PiAPI. While a kind has no learned samples yet (the priors only, scaled by the pace seen on
+  other kinds), the budget is one GET per `COLD_SECONDS_PER_GET` of expected time, at least
+  `COLD_MIN_BUDGET` (within the configured budget), and stays as set when the task started even
+  if the kind is learned meanwhile; a long kind's first poll comes `COLD_GAP_SECONDS` in (less
+  on a backend seen to run faster than the priors), so a backend far faster than the prior is
+  still noticed soon. A kind with no estimate at all uses `FALLBACK`, a capped geometric
+  schedule. With push delivery, polling is a sparse safety net: one poll near the 90th
+  percentile, then the tail (while cold, no gap longer than the task's age, and at least
+  `COLD_PUSH_GAP_SECONDS`).
 - `PolicySchedule`: a plain interval policy (`BackoffPolicy`), for tests and callers that want
   fixed behaviour.
 
@@ -48,7 +55,7 @@ import anyio
 from flux_mcp import errors
 from flux_mcp.record import TaskRecord
 from flux_mcp.settings import DEFAULT_POLL_BUDGET
-from flux_mcp.timing import Estimate, TaskKind, TimingStats
+from flux_mcp.timing import MAX_KINDS, Estimate, Running, TaskKind, TimingStats
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,10 @@ TAIL_GROWTH = 1.5
 P_LAST = 0.98  # the planned polls cover completion up to this probability; the tail does the rest
 P_PUSH = 0.9  # with push delivery, the one safety-net poll
 COLD_SECONDS_PER_GET = 3.0
+COLD_MIN_BUDGET = 3
 COLD_GAP_SECONDS = 2.0
+COLD_LONG_SECONDS = 10.0  # a kind expected to take this long or more gets an early first poll while cold
+LATE_SHARE = 0.1  # past its expected end, a task's last planned poll waits at most this share of its age (>= 1 s)
 COLD_PUSH_GAP_SECONDS = 4.0
 OWN_SECONDS = 0.05  # our own work on every result, whatever the task: the GET's round trip, saving, the thumbnail
 LAG_SHARE = 0.03  # the detection lag aimed at, as a share of the expected duration
@@ -144,19 +154,29 @@ class LearnedSchedule:
     spent: Callable[[], int]  # GETs spent on this task so far (across waits)
     push: bool = False
     pace: float = 1.0  # observed / prior durations so far (`TimingStats.pace`): shortens cold gaps
+    current: Callable[[float], Estimate | None] | None = None  # the kind's estimate as of now (`PollPlanner.current`)
     _fallback: PolicySchedule = field(default_factory=PolicySchedule)
     _tail_gap: float = 0.0  # grows from TAIL_FLOOR_SECONDS once the planned polls are spent
 
     def next_poll(self, record: TaskRecord | None, *, now: float, scheduled: float) -> float:
+        if self.current is not None:
+            self.estimate = self.current(now)
         due = self._plan(record, now=now, scheduled=scheduled)
         if self.estimate is not None and not self.estimate.learned and record is not None and record.created_at:
-            # Priors only: never wait longer than the task's age (at least a couple of seconds), so a
-            # backend much faster than the prior (the simulator, a quiet hour) is not kept waiting.
-            age = now - self.to_local(record.created_at)
-            stretch = 1.0 if self.estimate.expected_total() < 5 * COLD_GAP_SECONDS else 2.0  # long kinds: fewer
-            floor = (COLD_PUSH_GAP_SECONDS if self.push else COLD_GAP_SECONDS) * min(1.0, self.pace)
-            due = min(due, now + max(floor, stretch * age))
+            due = min(due, now + self._cold_gap(self.estimate, age=now - self.to_local(record.created_at)))
         return max(due, now + MIN_GAP_SECONDS if self.spent() else now)
+
+    def _cold_gap(self, estimate: Estimate, *, age: float) -> float:
+        """The longest wait while the kind has its prior only, so that a backend far faster than the
+        prior (the simulator, a quiet hour) is still noticed soon: a long kind's first poll comes
+        `COLD_GAP_SECONDS` in (and shows whether the run has started, which the plan then
+        conditions on); a short kind's planned first poll is only seconds away anyway. With
+        push, no gap is longer than the task's age (twice it for a long kind)."""
+        scale = min(1.0, self.pace)
+        long_kind = estimate.expected_total() >= COLD_LONG_SECONDS
+        if self.push:
+            return max(COLD_PUSH_GAP_SECONDS * scale, (2.0 if long_kind else 1.0) * age)
+        return COLD_GAP_SECONDS * scale if long_kind and not self.spent() else math.inf
 
     def _plan(self, record: TaskRecord | None, *, now: float, scheduled: float) -> float:
         if self.estimate is None or record is None or record.created_at is None:
@@ -173,7 +193,13 @@ class LearnedSchedule:
         remaining = 1 if self.push else self.budget - self.spent()
         if remaining <= 0 or now >= last - MIN_GAP_SECONDS / 2:
             return self._tail(now, scheduled)
-        return base + self.estimate.completion_quantile(p_last / remaining, **known)
+        planned = base + self.estimate.completion_quantile(p_last / remaining, **known)
+        age = now - self.to_local(record.created_at)
+        if remaining == 1 and not self.push and age >= self.estimate.expected_total():
+            # The last planned poll of a task already past its expected end: at the conditional p98
+            # it could be a third of the task's age away; a tenth of it keeps the lag in proportion.
+            planned = min(planned, now + max(TAIL_FLOOR_SECONDS, LATE_SHARE * age))
+        return planned
 
     def _tail(self, now: float, scheduled: float) -> float:
         self._tail_gap = min(TAIL_CAP_SECONDS, self._tail_gap * TAIL_GROWTH) if self._tail_gap else TAIL_FLOOR_SECONDS
@@ -189,11 +215,13 @@ class PollPlanner:
     creates, a loaded machine) stretches round trips to hundreds of milliseconds, more on the
     way back than on the way in: so, as NTP does, the offset is taken from the create with the
     shortest round trip among the last `CLOCK_SAMPLES`, not from the latest one.
-    Per-task state is bounded (the most recent `MAX_TASKS`).
+    Per-task state (GETs spent, kinds, the running tasks' last seen states, the tasks learned) is
+    bounded (the most recent `MAX_TASKS` of each).
     """
 
     MAX_TASKS = 1024
     CLOCK_SAMPLES = 32
+    REFIT_SECONDS = 0.25
 
     def __init__(
         self,
@@ -211,6 +239,9 @@ class PollPlanner:
         self._clock_samples: deque[tuple[float, float]] = deque(maxlen=self.CLOCK_SAMPLES)  # (round trip, skew)
         self._spent: OrderedDict[str, int] = OrderedDict()
         self._kinds: OrderedDict[str, TaskKind] = OrderedDict()
+        self._running: OrderedDict[str, tuple[TaskKind, Running]] = OrderedDict()  # as last seen
+        self._learned: OrderedDict[str, bool] = OrderedDict()  # task ids already counted as samples
+        self._refits: dict[TaskKind, tuple[float, Estimate | None]] = {}  # when, and what
 
     def _remember(self, table: OrderedDict[str, object], key: str, value: object) -> None:
         table[key] = value
@@ -246,15 +277,58 @@ class PollPlanner:
             if estimate.learned:
                 budget = planned_budget(budget, estimate.expected_total())
             else:
-                budget = min(budget, max(2, math.ceil(estimate.expected_total() / COLD_SECONDS_PER_GET)))
+                budget = min(budget, max(COLD_MIN_BUDGET, math.ceil(estimate.expected_total() / COLD_SECONDS_PER_GET)))
+
+        def current(now: float) -> Estimate | None:
+            return self.current(kind, estimate, now=now)
+
         return LearnedSchedule(
             estimate=estimate,
-            budget=budget,
+            budget=budget,  # set once: a kind learned meanwhile re-places this task's polls, adds none
             to_local=self.to_local,
             spent=lambda: self.spent(task_id),
             push=push,
             pace=self.stats.pace,
+            current=current if kind is not None else None,
         )
+
+    def current(self, kind: TaskKind, start: Estimate | None, *, now: float) -> Estimate | None:
+        """The estimate to plan a task's next poll with. Once the kind is learned: refitted with the
+        tasks of the kind still running (`observe`: each lasts at least as long as it had run when
+        last seen), so that the first of a batch to finish re-place the polls of the rest without
+        teaching them that the kind is as quick as its quickest. While the kind is cold: `start`,
+        the estimate the task began with (a pace taken from a batch's first finishers would carry
+        that bias uncorrected). Refitted at most every `REFIT_SECONDS` per kind, whatever finishes
+        meanwhile: a thousand tasks finishing at once cost a few refits, not a thousand."""
+        latest = self.stats.estimate(kind)
+        if latest is None or not latest.learned:
+            return start
+        cached = self._refits.get(kind)
+        if cached is not None and 0 <= now - cached[0] < self.REFIT_SECONDS:
+            return cached[1]
+        running = [seen for seen_kind, seen in self._running.values() if seen_kind == kind]
+        refit = self.stats.estimate_with(kind, running)
+        if len(self._refits) >= MAX_KINDS:  # bounded like the statistics themselves
+            self._refits.clear()
+        self._refits[kind] = (now, refit)
+        return refit
+
+    def observe(self, task_id: str, kind: TaskKind, record: TaskRecord, at: float) -> None:
+        """PiAPI showed `task_id` not finished yet as of `at` (our clock; for a GET, when it was
+        sent, so the bound errs low). Only fresh states count: a record read back from the ledger,
+        or kept after a failed poll, says nothing about now. Kept until the task is learned (or
+        ages out with the oldest `MAX_TASKS`): a task whose wait ended still lasted that long."""
+        if record.created_at is None or record.is_terminal or task_id in self._learned:
+            return
+        created = self.to_local(record.created_at)
+        if record.status == "pending":
+            seen = Running(queued=max(0.0, at - created))
+        elif record.started_at is not None:
+            started = self.to_local(record.started_at)
+            seen = Running(queued=max(0.0, started - created), ran=max(0.0, at - started))
+        else:
+            return
+        self._remember(self._running, task_id, (kind, seen))  # type: ignore[arg-type]
 
     def learn_from(self, rows: Iterable[tuple[str, str, Mapping[str, Any], TaskRecord]]) -> None:
         """Learn from `(model, task_type, request input, record)` rows, newest first (as
@@ -263,10 +337,15 @@ class PollPlanner:
             self.stats.learn(TaskKind.of(model, task_type, task_input), record)
 
     def learn(self, task_id: str, record: TaskRecord, kind: TaskKind | None = None) -> None:
-        kind = kind or self._kinds.get(task_id)
-        if kind is not None:
-            self.stats.learn(kind, record)
+        """A finished task: one sample, however often it is seen finished (a client may read a
+        finished task many times; each read must not count again)."""
         self._spent.pop(task_id, None)
+        self._running.pop(task_id, None)
+        if task_id in self._learned:
+            return
+        kind = kind or self._kinds.get(task_id)
+        if kind is not None and self.stats.learn(kind, record):
+            self._remember(self._learned, task_id, True)  # type: ignore[arg-type]
 
 
 def planned_budget(budget: int, expected: float) -> int:
@@ -328,6 +407,7 @@ async def wait_for_task(
     last_known: TaskRecord | None = None,
     inbox: Inbox | None = None,
     on_poll: Callable[[], None] | None = None,
+    on_seen: Callable[[TaskRecord, float], None] | None = None,
 ) -> TaskRecord:
     """Poll `fetch(task_id)` until terminal or `timeout` seconds pass; return the latest record.
 
@@ -337,7 +417,8 @@ async def wait_for_task(
     `initial` is a state the caller has just seen (reported at once; the first GET waits for the
     schedule). `last_known` is an older state (e.g. from the ledger): polled at once, but what is
     returned if that poll cannot finish by the deadline. `schedule` places the polls (default: a
-    `PolicySchedule` of `policy`); `on_poll` is told of each GET.
+    `PolicySchedule` of `policy`); `on_poll` is told of each GET, and `on_seen` of each state
+    PiAPI showed (a GET's answer, with when the GET was sent; a pushed update, with when it came).
     """
     plan = schedule or PolicySchedule(policy or FALLBACK)
     start = clock()
@@ -379,6 +460,8 @@ async def wait_for_task(
                     on_poll()
                 if record is None:  # nothing to return yet: this answer is needed, however long it takes
                     record = await fetch(task_id)
+                    if on_seen is not None:
+                        on_seen(record, last_poll)
                 else:
                     # A poll (with the client's own retries and Retry-After sleeps) must not carry the
                     # wait past its deadline by more than a moment: past it, the last record stands.
@@ -387,6 +470,8 @@ async def wait_for_task(
                     if scope.cancelled_caught:
                         log.info("poll of %s ran past the deadline; returning the last known state", task_id)
                         return record
+                    if on_seen is not None:
+                        on_seen(answer, last_poll)
                     if is_newer(answer, record) or answer.status == record.status:
                         record = answer
             except errors.FluxError as exc:
@@ -407,6 +492,8 @@ async def wait_for_task(
             if pushed is not None and is_newer(pushed, record):
                 record = pushed
                 now = clock()
+                if on_seen is not None:
+                    on_seen(record, now)
                 await report(record, now)
                 if record.is_terminal:
                     return record

@@ -18,6 +18,11 @@ samples that agree by chance do not make it overconfident).
 - Persistence: the samples are the ledger's own finished tasks (their stored request and PiAPI
   record), so nothing extra is written; `TaskLedger.recent_timings` reads back a bounded number
   of them at start-up, and every task finished afterwards is added online.
+- Tasks still running: `estimate_with` refits a learned kind with them as well, each a lower
+  bound (it lasts at least as long as it has run so far; a right-censored sample), so that the
+  quickest tasks of a batch, the first to finish, do not make the kind look quicker than it is.
+  A bound far beyond every finished task is left out unless most of the running tasks are out
+  there (one stuck task, as against a slow hour).
 - Bounds: at most `MAX_SAMPLES` recent samples per kind and `MAX_KINDS` kinds (least recently
   used dropped), so memory stays small however long the server runs.
 
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +50,7 @@ MIN_SIGMA = 0.05  # log-space spread floor (5 %): a handful of samples can look 
 _MEGAPIXEL = 1024 * 1024
 _NORMAL = statistics.NormalDist()
 _QUEUE_POINTS = 24  # quadrature points over the queue time when the run has not started
+_EM_ROUNDS = 2000  # a bound, not a target: most fits converge in tens
 
 
 @dataclass(frozen=True)
@@ -166,13 +172,14 @@ class Estimate:
         return hi
 
 
-def _fit(samples: Iterable[float], prior_spread: float) -> LogNormal:
+def _fit(samples: Iterable[float], prior_spread: float, censored: Iterable[float] = ()) -> LogNormal:
     """The predictive log-normal of the next sample, from recent ones: the mean of their logs
     (outliers beyond 4 robust deviations of the median dropped), and a spread that pools their
     squared deviations with `PRIOR_WEIGHT` pseudo-samples at the prior's spread (a Bayesian
     update of the variance), times sqrt(1 + 1/n) for the uncertain mean. A handful of samples that
     happen to agree closely thus does not make the schedule overconfident (too narrow a fit lets a
-    third of a batch finish before its first poll), while 64 of them speak for themselves."""
+    third of a batch finish before its first poll), while 64 of them speak for themselves.
+    `censored` are lower bounds (tasks still running; see `_with_censored`)."""
     logs = sorted(math.log(max(s, 1e-3)) for s in samples)
     centre = statistics.median(logs)
     mad = statistics.median(abs(x - centre) for x in logs) * 1.4826
@@ -180,8 +187,58 @@ def _fit(samples: Iterable[float], prior_spread: float) -> LogNormal:
     n = len(kept)
     mean = statistics.fmean(kept)
     squares = sum((x - mean) ** 2 for x in kept)
-    variance = (PRIOR_WEIGHT * _log_sigma(prior_spread) ** 2 + squares) / (PRIOR_WEIGHT + n - 1)
+    prior_squares = PRIOR_WEIGHT * _log_sigma(prior_spread) ** 2
+    variance = (prior_squares + squares) / (PRIOR_WEIGHT + n - 1)
+    bounds = _plausible([math.log(max(c, 1e-3)) for c in censored], above=centre + 4 * max(mad, MIN_SIGMA))
+    if bounds:
+        mean, variance = _with_censored(kept, bounds, mean, variance, prior_squares)
     return LogNormal(mean, max(MIN_SIGMA, math.sqrt(variance * (1 + 1 / n))))
+
+
+def _plausible(bounds: list[float], *, above: float) -> Counter[float]:
+    """The lower bounds (log seconds) worth fitting, grouped to 1 % (a batch's running tasks have
+    much the same age): one task stuck far beyond every finished one (as outliers among those
+    are dropped) is left out, but not when most of the running tasks are: that is a slowdown."""
+    beyond = sum(1 for bound in bounds if bound > above)
+    if 2 * beyond <= len(bounds):
+        bounds = [bound for bound in bounds if bound <= above]
+    return Counter(round(bound, 2) for bound in bounds)
+
+
+def _with_censored(
+    logs: list[float], bounds: Counter[float], mean: float, variance: float, prior_squares: float
+) -> tuple[float, float]:
+    """Mean and variance of the log durations when, besides the finished `logs`, some tasks are
+    known only to take longer than `bounds` (still running when last seen; bound -> how many):
+    expectation-maximisation for a right-censored normal, run to convergence (slow when most of
+    a batch is still running just past its first finishers, which is when it matters). Without
+    it, a batch's first tasks to finish, the quickest of it, would teach the rest that the kind is
+    quicker than it is."""
+    censored = sum(bounds.values())
+    total = len(logs) + censored
+    finished_sum, finished_squares = sum(logs), sum(x * x for x in logs)
+    for _ in range(_EM_ROUNDS):
+        sigma = math.sqrt(variance)
+        first = second = 0.0  # sums of E[x] and E[x^2] over the censored ones
+        for bound, count in bounds.items():
+            a = (bound - mean) / sigma
+            tail = _NORMAL.cdf(-a)  # P(z > a), accurate far out (no 1 - cdf cancellation)
+            if tail > 1e-300:
+                hazard = _NORMAL.pdf(a) / tail  # E[z | z > a]
+                spread = max(0.0, 1 + a * hazard - hazard * hazard)  # Var[z | z > a]
+            else:
+                hazard, spread = a + 1 / a, 1 / (a * a)  # their limits far out
+            expected = mean + sigma * hazard
+            first += count * expected
+            second += count * (expected * expected + variance * spread)
+        new_mean = (finished_sum + first) / total
+        squares = finished_squares + second - 2 * new_mean * (finished_sum + first) + total * new_mean**2
+        new_variance = (prior_squares + max(0.0, squares)) / (PRIOR_WEIGHT + total - 1)
+        done = abs(new_mean - mean) < 1e-6 and abs(new_variance - variance) < 1e-8
+        mean, variance = new_mean, new_variance
+        if done:
+            break
+    return mean, variance
 
 
 def _log_sigma(spread: float) -> float:
@@ -204,6 +261,16 @@ class Sample:
         if queue < 0 or run <= 0 or queue + run > 24 * 3600:
             return None
         return cls(queue, run)
+
+
+@dataclass(frozen=True)
+class Running:
+    """A task of the kind that had not finished when last seen: pending `queued` seconds after its
+    creation (`ran` None: the queue lasts at least that long), or started after `queued` seconds
+    and running for at least `ran`."""
+
+    queued: float
+    ran: float | None = None
 
 
 class TimingStats:
@@ -250,6 +317,25 @@ class TimingStats:
         if kind not in self._cache:
             self._cache[kind] = self._estimate(kind)
         return self._cache[kind]
+
+    def estimate_with(self, kind: TaskKind, running: Iterable[Running]) -> Estimate | None:
+        """The learned estimate refitted with tasks of the kind still running: each says its
+        duration is at least what it has reached so far. The kind's own estimate when it is
+        not learned yet (a refit then would rest on the batch's quickest tasks alone)."""
+        estimate = self.estimate(kind)
+        running = list(running)
+        if estimate is None or not estimate.learned or not running:
+            return estimate
+        samples = list(self._samples.get(kind, ()))
+        return Estimate(
+            queue=_fit(
+                [s.queue for s in samples] + [r.queued for r in running if r.ran is not None],
+                PRIOR_QUEUE_SPREAD,
+                censored=[r.queued for r in running if r.ran is None],
+            ),
+            run=_fit([s.run for s in samples], PRIOR_RUN_SPREAD, censored=[r.ran for r in running if r.ran]),
+            samples=len(samples),
+        )
 
     def _estimate(self, kind: TaskKind) -> Estimate | None:
         prior = self._priors.get(kind.model)

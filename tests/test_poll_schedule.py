@@ -13,9 +13,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from flux_mcp import errors
 from flux_mcp.ledger import TaskLedger
 from flux_mcp.polling import (
     COLD_GAP_SECONDS,
+    COLD_MIN_BUDGET,
+    LATE_SHARE,
     MAX_BUDGET_FACTOR,
     MIN_GAP_SECONDS,
     TAIL_CAP_SECONDS,
@@ -26,7 +29,7 @@ from flux_mcp.polling import (
 )
 from flux_mcp.push import TaskEvents
 from flux_mcp.record import TaskRecord
-from flux_mcp.timing import MAX_KINDS, MAX_SAMPLES, PRIORS, Sample, TaskKind, TimingStats
+from flux_mcp.timing import MAX_KINDS, MAX_SAMPLES, PRIORS, Running, Sample, TaskKind, TimingStats
 
 pytestmark = pytest.mark.anyio
 
@@ -175,23 +178,30 @@ async def test_a_cold_known_kind_uses_its_prior_and_a_small_budget():
     await run(planner, task, DEV)
     # one GET per 3 s of expected time at most before the tail (a fixed 4 s poller spends ~5)
     assert len(task.gets) <= 7 and time.now - task.ends < 4.0
+    schnell = planner.schedule("s", SCHNELL)
+    assert not schnell.estimate.learned and schnell.budget == COLD_MIN_BUDGET  # ~4 s: a floor of 3
     assert PRIORS["Qubico/flux1-dev"].run_seconds == 19.0
 
 
-async def test_a_cold_kind_never_waits_longer_than_the_tasks_age():
+async def test_a_cold_long_kind_polls_early_once_so_a_far_faster_backend_is_noticed():
     """A backend far faster than the prior (the simulator, a quiet hour) is still noticed soon."""
     time = FakeTime()
     planner = planner_for(time)
     task = FakeTask(time, queue=0.1, run=0.5)  # the prior expects ~20 s
     await run(planner, task, DEV)
     assert task.gets == [COLD_GAP_SECONDS]
-    later = FakeTask(FakeTime(), queue=0.1, run=7.0)
+    later = FakeTask(FakeTime(), queue=1.0, run=19.0)
     await run(planner_for(later.time), later, DEV)
-    assert later.gets[:2] == [2.0, 6.0]  # gaps no longer than twice the age for a ~20 s kind
-    schnell = TaskKind.of("Qubico/flux1-schnell", "txt2img", {})
-    quick = FakeTask(FakeTime(), queue=0.1, run=3.0)
-    await run(planner_for(quick.time), quick, schnell)
-    assert quick.gets[:2] == [2.0, 4.0]  # and than the age itself for a ~4 s one
+    # Once: that poll shows the run started after 1 s, and the plan conditions on that from then on.
+    assert later.gets[0] == COLD_GAP_SECONDS and later.gets[1] > 10
+
+
+async def test_a_cold_short_kind_spends_no_poll_before_its_plan():
+    """A ~4 s kind's planned first poll is only seconds away: no extra early GET (a fixed 2 s
+    poller spends one there on every task)."""
+    task = FakeTask(FakeTime(), queue=0.5, run=3.5)
+    await run(planner_for(task.time), task, SCHNELL)
+    assert 3.0 <= task.gets[0] <= 4.3 and len(task.gets) <= 2
 
 
 async def test_an_unknown_kind_falls_back_to_the_capped_geometric_schedule():
@@ -296,6 +306,149 @@ async def test_the_budget_is_per_task_across_waits():
     due = planner.schedule("t", DEV).next_poll(record, now=time.now, scheduled=time.now)
     assert due - time.now >= TAIL_FLOOR_SECONDS  # a new wait does not get a fresh budget
     assert first >= 4
+
+
+async def test_a_task_past_its_expected_end_spends_its_last_planned_poll_in_proportion_to_its_age():
+    time = FakeTime()
+    planner = planner_for(time, budget=4)
+    learned(planner, DEV, [19.0, 19.5, 20.0, 20.5, 21.0])
+    task = FakeTask(time, queue=1.0, run=300.0)
+    record = task.record()
+    planner.note_created(record, DEV, sent_wall=EPOCH.timestamp(), answered_wall=EPOCH.timestamp())
+    for _ in range(3):
+        planner.count_poll("t")
+    time.now = 30.0  # ~1.5x the expected end, one planned poll left
+    late = task.record()
+    due = planner.schedule("t", DEV).next_poll(late, now=time.now, scheduled=time.now)
+    assert due - time.now <= LATE_SHARE * time.now + 1e-6  # not at the conditional p98, a third of its age away
+    time.now = 12.0  # before the expected end, the plan alone decides
+    early = task.record()
+    assert planner.schedule("t", DEV).next_poll(early, now=12.0, scheduled=12.0) - 12.0 > LATE_SHARE * 12.0
+
+
+def seen_running(planner: PollPlanner, task_id: str, *, ran: float, at: float, kind: TaskKind = DEV) -> TaskRecord:
+    """`task_id`, created at 0, is seen by a GET sent at `at`, running for `ran` seconds."""
+    record = TaskRecord(
+        task_id=task_id, status="processing", created_at=EPOCH, started_at=EPOCH + timedelta(seconds=at - ran)
+    )
+    planner.note_created(record, kind, sent_wall=EPOCH.timestamp(), answered_wall=EPOCH.timestamp())
+    planner.observe(task_id, kind, record, at)
+    return record
+
+
+def test_tasks_still_running_count_as_lasting_at_least_as_long_as_they_have_run():
+    """A batch's first tasks to finish are its quickest: refitted with the rest, still running,
+    the kind does not look quicker than it is."""
+    stats = TimingStats()
+    for seconds in [19.0, 19.5, 20.0, 20.5, 21.0]:
+        stats.add(DEV, Sample(queue=1.0, run=seconds))
+    plain = stats.estimate(DEV)
+    assert plain is not None and plain.learned
+    outlasting = stats.estimate_with(DEV, [Running(queued=1.0, ran=24.0)] * 10)
+    assert outlasting is not None and outlasting.run.median > 22.0 > plain.run.median * 1.05
+    young = stats.estimate_with(DEV, [Running(queued=1.0, ran=5.0)] * 10)
+    assert young is not None and young.run.median == pytest.approx(plain.run.median, rel=0.02)  # says nothing new
+    queued = stats.estimate_with(DEV, [Running(queued=8.0)] * 10)  # still pending after 8 s
+    assert queued is not None and queued.queue.median > 4 * plain.queue.median
+    assert queued.run == plain.run
+    cold = TimingStats()
+    assert cold.estimate_with(DEV, [Running(queued=1.0, ran=24.0)]) == cold.estimate(DEV)  # priors stay as they are
+
+
+def test_one_stuck_task_does_not_stretch_its_kind_but_a_slow_majority_does():
+    stats = TimingStats()
+    for seconds in [19.0, 19.5, 20.0, 20.5, 21.0]:
+        stats.add(DEV, Sample(queue=1.0, run=seconds))
+    plain = stats.estimate(DEV)
+    normal = [Running(queued=1.0, ran=10.0)] * 9
+    stuck = stats.estimate_with(DEV, [*normal, Running(queued=1.0, ran=300.0)])
+    assert stuck is not None and stuck.run.quantile(0.98) == pytest.approx(plain.run.quantile(0.98), rel=0.05)
+    slow_day = stats.estimate_with(DEV, [Running(queued=1.0, ran=40.0)] * 6 + normal[:4])
+    assert slow_day is not None and slow_day.run.median > 1.5 * plain.run.median
+
+
+def test_the_censored_fit_finds_the_batch_its_quickest_finished_tasks_came_from():
+    """64 tasks of a kind that takes ~20 s: 3 have finished, the other 61 run past the third.
+    The fit must land near 20 s, not near the three quick ones (~13-15 s), and grow steadily as
+    the running tasks' bounds move out."""
+    rng = random.Random(3)
+    medians, naive = [], []
+    for _ in range(20):
+        durations = sorted(math.exp(math.log(20.0) + 0.25 * rng.gauss(0, 1)) for _ in range(64))
+        medians.append(_fit_median(durations[:3], [durations[3]] * 61))
+        naive.append(_fit_median(durations[:3], []))
+    assert 17.0 <= statistics.median(medians) <= 23.0
+    assert statistics.median(naive) < 16.0
+    along = [_fit_median([19.0, 20.0, 21.0], [bound] * 5) for bound in (25.0, 40.0, 80.0, 160.0, 320.0, 1000.0)]
+    assert all(math.isfinite(m) for m in along) and along == sorted(along)
+
+
+def _fit_median(finished: list[float], running: list[float]) -> float:
+    stats = TimingStats()
+    for seconds in finished:
+        stats.add(DEV, Sample(queue=1.0, run=seconds))
+    estimate = stats.estimate_with(DEV, [Running(queued=1.0, ran=r) for r in running])
+    assert estimate is not None
+    return estimate.run.median
+
+
+def test_the_rest_of_a_batch_plan_with_what_its_finished_and_running_tasks_show():
+    time = FakeTime()
+    planner = planner_for(time)
+    learned(planner, DEV, [19.0, 19.5, 20.0, 20.5, 21.0])
+    start = planner.stats.estimate(DEV)
+    for i in range(10):  # a batch on a slower day: all ten still running 25 s in
+        seen_running(planner, f"b{i}", ran=24.0, at=25.0)
+    time.now = 25.0
+    refit = planner.current(DEV, start, now=time.now)
+    assert refit is not None and refit.run.median > 1.1 * start.run.median
+    # The schedule reads the refit at each poll: a task of the batch plans further out than at its start.
+    later = planner.schedule("b1", DEV)
+    later.next_poll(None, now=time.now, scheduled=time.now)
+    assert later.estimate == refit
+    for i in range(10):  # they all finish at 27 s; a task read twice (flux_get_task) is still one sample
+        done = TaskRecord(
+            task_id=f"b{i}",
+            status="completed",
+            created_at=EPOCH,
+            started_at=EPOCH + timedelta(seconds=1),
+            ended_at=EPOCH + timedelta(seconds=27),
+        )
+        planner.learn(f"b{i}", done)
+        planner.learn(f"b{i}", done)
+    assert len(planner.stats.samples(DEV)) == 15
+    running_again = TaskRecord(task_id="b0", status="processing", created_at=EPOCH, started_at=EPOCH)
+    planner.observe("b0", DEV, running_again, 26.0)  # a late answer for a finished task: ignored
+    time.now += planner.REFIT_SECONDS
+    assert planner.current(DEV, start, now=time.now) == planner.stats.estimate(DEV)  # nothing running
+
+
+async def test_only_fresh_states_teach_failed_polls_and_the_ledger_do_not():
+    time = FakeTime()
+    task = FakeTask(time, queue=1.0, run=5.0)
+    calls = 0
+
+    async def flaky(task_id: str) -> TaskRecord:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise errors.UpstreamError("PiAPI answered 502")
+        return await task.fetch(task_id)
+
+    seen: list[tuple[str, float]] = []
+    stale = task.record()  # as the ledger had it at 0 s
+    await wait_for_task(
+        flaky,
+        "t",
+        timeout=60,
+        policy=BackoffPolicy(first=(2.0,), factor=1.0, cap=2.0),
+        clock=time.clock,
+        sleep=time.sleep,
+        last_known=stale,
+        on_seen=lambda record, at: seen.append((record.status, at)),
+    )
+    # Polls at 0, 2 (failed), 4, 6: each state seen comes with when its GET was sent; none for the failure.
+    assert seen == [("pending", 0.0), ("processing", 4.0), ("completed", 6.0)]
 
 
 def test_statistics_are_bounded_and_robust_to_outliers():
