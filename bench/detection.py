@@ -25,11 +25,17 @@ at once; every policy runs them (the cold one against a throwaway ledger) so tha
 batches are alike. All policies warm up side by side against one simulator; then their measured
 batches start 5 s apart, so one batch's finishes do not meet another's on the same CPUs, each
 after the simulator is reseeded, so every policy is measured on the same 15 durations; the
-simulator renders each image while its task runs, as PiAPI does. A full run takes about five
-minutes, `--quick` (the ~4 s profile only) under a minute. Figures are noisy on a busy machine:
-run it twice.
+simulator renders each image while its task runs, as PiAPI does.
 
-    python bench/detection.py [--quick] [--tasks 15] [--warmups 5] [--seed 1]
+All of that is one round; `--rounds` (3 by default) repeats it, each round with fresh servers,
+fresh warm-ups and its own 15 durations, and the p50 and p95 are over all rounds' tasks. One
+batch's median depends much on where its 15 durations happen to fall against a fixed
+interval's polls (a batch ending just before the fixed poller's 4 s steps flatters it; over 80
+batches its p50 ranges from about 1.2 to 2.8 s on ~20 s tasks, `bench/schedule.py`), so each
+round's p50 is printed too. A full run takes about fifteen minutes, `--quick` (the ~4 s profile
+only) about two. Figures are noisy on a busy machine: run it twice.
+
+    python bench/detection.py [--quick] [--rounds 3] [--tasks 15] [--warmups 5] [--seed 1]
 """
 
 from __future__ import annotations
@@ -141,6 +147,7 @@ class Measured:
     overheads: list[float] = field(default_factory=list)
     after_push: list[float] = field(default_factory=list)
     gets: list[int] = field(default_factory=list)
+    batch_p50s: list[float] = field(default_factory=list)  # one per round
 
 
 @contextlib.asynccontextmanager
@@ -206,6 +213,7 @@ async def run_policy(
     root: Path,
     out: Measured,
     start: Start,
+    round_no: int,
 ) -> None:
     results: list[tuple[str, float, float]] = []
     # Every policy runs its warm-ups (the cold one against a throwaway ledger, so it measures with an
@@ -220,7 +228,7 @@ async def run_policy(
                         await warm_up(other, model, args.warmups)
             await start.wait_turn(policy.name)
             # Every policy's measured batch runs the same 15 durations, drawn apart from the warm-ups'.
-            await sim.reseed(args.seed + MEASURED_SEED_OFFSET)
+            await sim.reseed(args.seed + MEASURED_SEED_OFFSET * (round_no + 1))
 
             async def one(i: int) -> None:
                 results.append(await generate(client, model, f"{policy.name} {i}"))
@@ -229,12 +237,15 @@ async def run_policy(
                 for i in range(args.tasks):
                     tg.start_soon(one, i)
     finished = await sim.finished([task_id for task_id, _, _ in results])
+    batch: list[float] = []
     for task_id, returned_wall, returned in results:
         ended, gets, sent = finished[task_id]
-        out.overheads.append(returned_wall - ended)
+        batch.append(returned_wall - ended)
         out.gets.append(gets)
         if sent:
             out.after_push.append(returned - min(sent))
+    out.overheads += batch
+    out.batch_p50s.append(statistics.median(batch))
 
 
 def p(values: list[float], q: float) -> float:
@@ -254,10 +265,12 @@ async def main(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as root:
             for label, model in chosen.items():
                 measured = {policy.name: Measured() for policy in POLICIES}
-                start = Start([policy.name for policy in POLICIES])
-                async with anyio.create_task_group() as tg:
-                    for policy in POLICIES:
-                        tg.start_soon(run_policy, sim, policy, model, args, Path(root), measured[policy.name], start)
+                for round_no in range(args.rounds):
+                    start = Start([policy.name for policy in POLICIES])
+                    async with anyio.create_task_group() as tg:
+                        for policy in POLICIES:
+                            out = measured[policy.name]
+                            tg.start_soon(run_policy, sim, policy, model, args, Path(root), out, start, round_no)
                 report(label, model, args, measured)
 
 
@@ -321,27 +334,42 @@ def report(label: str, model: str, args: argparse.Namespace, measured: dict[str,
     profile = PIAPI_LIKE_PROFILES[model]
     print(
         f"\n{label}: queue ~{profile.queue_seconds:g} s + run ~{profile.run_seconds:g} s, "
-        f"{args.tasks} concurrent tasks per policy (after {args.warmups} warm-ups where marked)"
+        f"{args.tasks} concurrent tasks per policy (after {args.warmups} warm-ups where marked), "
+        f"{args.rounds} round{'s' if args.rounds != 1 else ''}"
     )
     base = measured["ours, learned"]
     base_p50, base_gets = statistics.median(base.overheads), statistics.fmean(base.gets)
-    print(f"{'policy':<28}{'p50':>10}{'p95':>10}{'GETs/task':>11}{'p50 / ours':>12}{'GETs / ours':>13}")
+    print(
+        f"{'policy':<28}{'p50':>10}{'p95':>10}{'GETs/task':>11}{'p50 / ours':>12}{'GETs / ours':>13}"
+        f"   {'each round p50'}"
+    )
     for name, m in measured.items():
         p50, gets = statistics.median(m.overheads), statistics.fmean(m.gets)
+        rounds = " / ".join(f"{x * 1000:,.0f}" for x in m.batch_p50s)
         print(
             f"{name:<28}{ms(p50):>10}{ms(p(m.overheads, 0.95)):>10}{gets:>11.1f}"
-            f"{p50 / base_p50:>11.1f}x{gets / base_gets:>12.2f}x"
+            f"{p50 / base_p50:>11.1f}x{gets / base_gets:>12.2f}x   {rounds} ms"
         )
     push = measured["ours + webhooks"].after_push
     if push:
         print(f"{'  (webhooks, after the push)':<28}{ms(statistics.median(push)):>10}{ms(p(push, 0.95)):>10}")
 
 
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the ~4 s profile only")
-    parser.add_argument("--tasks", type=int, default=15, help="concurrent tasks per policy and profile")
+    parser.add_argument("--tasks", type=at_least_one, default=15, help="concurrent tasks per policy and profile")
     parser.add_argument("--warmups", type=int, default=5, help="tasks of the same kind before measuring")
+    parser.add_argument(
+        "--rounds", type=at_least_one, default=3, help="measured batches per policy and profile, each on new durations"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seeds the simulated durations")
     parser.add_argument("--in-process", action="store_true", help="run the simulator on this process's event loop")
     parser.add_argument("--serve-simulator", action="store_true", help=argparse.SUPPRESS)
