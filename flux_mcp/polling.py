@@ -27,12 +27,13 @@ Where the polls go is a `Schedule`:
   PiAPI. While a kind has no learned samples yet (the priors only, scaled by the pace seen on
   other kinds), the budget is one GET per `COLD_SECONDS_PER_GET` of expected time, at least
   `COLD_MIN_BUDGET` (within the configured budget), and stays as set when the task started even
-  if the kind is learned meanwhile; a long kind's first poll comes `COLD_GAP_SECONDS` in (less
-  on a backend seen to run faster than the priors), so a backend far faster than the prior is
-  still noticed soon. A kind with no estimate at all uses `FALLBACK`, a capped geometric
-  schedule. With push delivery, polling is a sparse safety net: one poll near the 90th
-  percentile, then the tail (while cold, no gap longer than the task's age, and at least
-  `COLD_PUSH_GAP_SECONDS`).
+  if the kind is learned meanwhile; a kind expected to take `COLD_LONG_SECONDS` or more waits no
+  longer than twice the task's age (at least `COLD_GAP_SECONDS`, less on a backend seen to run
+  faster than the priors), so a backend far faster than the prior is still noticed soon; a short
+  kind's planned polls are seconds apart anyway. A kind with no estimate at all uses `FALLBACK`,
+  a capped geometric schedule. With push delivery, polling is a sparse safety net: one poll near
+  the 90th percentile, then the tail (while cold, no gap longer than the task's age, twice it for
+  a long kind, and at least `COLD_PUSH_GAP_SECONDS`).
 - `PolicySchedule`: a plain interval policy (`BackoffPolicy`), for tests and callers that want
   fixed behaviour.
 
@@ -75,7 +76,7 @@ P_PUSH = 0.9  # with push delivery, the one safety-net poll
 COLD_SECONDS_PER_GET = 3.0
 COLD_MIN_BUDGET = 3
 COLD_GAP_SECONDS = 2.0
-COLD_LONG_SECONDS = 10.0  # a kind expected to take this long or more gets an early first poll while cold
+COLD_LONG_SECONDS = 10.0  # while cold, a kind expected to take this long or more has its gaps capped by its age
 LATE_SHARE = 0.1  # past its expected end, a task's last planned poll waits at most this share of its age (>= 1 s)
 COLD_PUSH_GAP_SECONDS = 4.0
 OWN_SECONDS = 0.05  # our own work on every result, whatever the task: the GET's round trip, saving, the thumbnail
@@ -168,15 +169,15 @@ class LearnedSchedule:
 
     def _cold_gap(self, estimate: Estimate, *, age: float) -> float:
         """The longest wait while the kind has its prior only, so that a backend far faster than the
-        prior (the simulator, a quiet hour) is still noticed soon: a long kind's first poll comes
-        `COLD_GAP_SECONDS` in (and shows whether the run has started, which the plan then
-        conditions on); a short kind's planned first poll is only seconds away anyway. With
-        push, no gap is longer than the task's age (twice it for a long kind)."""
-        scale = min(1.0, self.pace)
+        prior (the simulator, a quiet hour) is still noticed soon: for a long kind, no gap longer
+        than twice the task's age (at least `COLD_GAP_SECONDS`); a short kind's planned polls are
+        only seconds apart anyway. With push (the polls a safety net), at least
+        `COLD_PUSH_GAP_SECONDS`, and a short kind's gaps no longer than its age."""
         long_kind = estimate.expected_total() >= COLD_LONG_SECONDS
-        if self.push:
-            return max(COLD_PUSH_GAP_SECONDS * scale, (2.0 if long_kind else 1.0) * age)
-        return COLD_GAP_SECONDS * scale if long_kind and not self.spent() else math.inf
+        if not (long_kind or self.push):
+            return math.inf
+        floor = (COLD_PUSH_GAP_SECONDS if self.push else COLD_GAP_SECONDS) * min(1.0, self.pace)
+        return max(floor, (2.0 if long_kind else 1.0) * age)
 
     def _plan(self, record: TaskRecord | None, *, now: float, scheduled: float) -> float:
         if self.estimate is None or record is None or record.created_at is None:
