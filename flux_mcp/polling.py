@@ -14,26 +14,26 @@ Where the polls go is a `Schedule`:
 - `LearnedSchedule` (the default, built by `PollPlanner`): from the kind's queue and run
   distributions (`flux_mcp.timing`), conditioned on what is known now (still pending some time
   after `created_at`, or processing since `started_at`), the remaining polls of a per-task GET
-  budget go at equal steps of completion probability up to the 98th percentile, which is where
-  they detect completion soonest for their number. The estimate is re-read at each poll and, for
-  a learned kind, refitted with the tasks of the kind still running here (each known, from a
-  fresh answer, to take at least as long as it had run then): the first tasks of a batch to
-  finish re-place the polls of the rest, without teaching them that the kind is as quick as its
-  quickest. Short kinds get up to 1.5x the budget (`planned_budget`): our own fixed work on each
-  result is a larger share of their wait. A task already past its expected end spends its last
+  budget go at equal steps of completion probability up to the 98th percentile, which is where they
+  detect completion soonest for their number. For a task that began with its kind learned, the
+  estimate is re-read at each poll, refitted with the tasks of the kind still running here (each
+  known, from a fresh answer, to take at least as long as it had run then): the first tasks of a
+  batch to finish re-place the polls of the rest, without teaching them that the kind is as quick
+  as its quickest. Short kinds get up to 1.5x the budget (`planned_budget`): our own fixed work on
+  each result is a larger share of their wait. A task already past its expected end spends its last
   planned poll no more than `LATE_SHARE` of its age later (1 s at least), not at the conditional
-  98th percentile. Past that (an outlier, or the budget spent) the tail polls at growing
-  intervals from a floor, so a task far past its expected end slows down instead of hammering
-  PiAPI. While a kind has no learned samples yet (the priors only, scaled by the pace seen on
-  other kinds), the budget is one GET per `COLD_SECONDS_PER_GET` of expected time, at least
-  `COLD_MIN_BUDGET` (within the configured budget), and stays as set when the task started even
-  if the kind is learned meanwhile; a kind expected to take `COLD_LONG_SECONDS` or more waits no
-  longer than twice the task's age (at least `COLD_GAP_SECONDS`, less on a backend seen to run
-  faster than the priors), so a backend far faster than the prior is still noticed soon; a short
-  kind's planned polls are seconds apart anyway. A kind with no estimate at all uses `FALLBACK`,
-  a capped geometric schedule. With push delivery, polling is a sparse safety net: one poll near
-  the 90th percentile, then the tail (while cold, no gap longer than the task's age, twice it for
-  a long kind, and at least `COLD_PUSH_GAP_SECONDS`).
+  98th percentile. Past that (an outlier, or the budget spent) the tail polls at growing intervals
+  from a floor, so a task far past its expected end slows down instead of hammering PiAPI. While a
+  kind has no learned samples yet (the priors only, scaled by the pace seen on other kinds), the
+  budget is one GET per `COLD_SECONDS_PER_GET` of expected time, at least `COLD_MIN_BUDGET` (within
+  the configured budget), and the task keeps this plan even if the kind is learned meanwhile; a
+  kind expected to take `COLD_LONG_SECONDS` or more waits no longer than twice the task's age (at
+  least `COLD_GAP_SECONDS`, less on a backend seen to run faster than the priors), so a backend far
+  faster than the prior is still noticed soon; a short kind's planned polls are seconds apart
+  anyway. A kind with no estimate at all uses `FALLBACK`, a capped geometric schedule. With push
+  delivery, polling is a sparse safety net: one poll near the 90th percentile, then the tail (while
+  cold, no gap longer than the task's age, twice it for a long kind, and at least
+  `COLD_PUSH_GAP_SECONDS`).
 - `PolicySchedule`: a plain interval policy (`BackoffPolicy`), for tests and callers that want
   fixed behaviour.
 
@@ -294,15 +294,16 @@ class PollPlanner:
         )
 
     def current(self, kind: TaskKind, start: Estimate | None, *, now: float) -> Estimate | None:
-        """The estimate to plan a task's next poll with. Once the kind is learned: refitted with the
-        tasks of the kind still running (`observe`: each lasts at least as long as it had run when
-        last seen), so that the first of a batch to finish re-place the polls of the rest without
-        teaching them that the kind is as quick as its quickest. While the kind is cold: `start`,
-        the estimate the task began with (a pace taken from a batch's first finishers would carry
-        that bias uncorrected). Refitted at most every `REFIT_SECONDS` per kind, whatever finishes
-        meanwhile: a thousand tasks finishing at once cost a few refits, not a thousand."""
-        latest = self.stats.estimate(kind)
-        if latest is None or not latest.learned:
+        """The estimate to plan a task's next poll with. For a task that began with its kind
+        learned (`start`): refitted with the tasks of the kind still running (`observe`: each lasts
+        at least as long as it had run when last seen), so that the first of a batch to finish
+        re-place the polls of the rest without teaching them that the kind is as quick as its
+        quickest. A task that began cold keeps `start`: a refit from a batch's first three
+        finishers is too uncertain to re-place its last few polls (they would spread wide), and a
+        pace taken from them carries their bias uncorrected. Refitted at most every
+        `REFIT_SECONDS` per kind, whatever finishes meanwhile: a thousand tasks finishing at once
+        cost a few refits, not a thousand."""
+        if start is None or not start.learned:
             return start
         cached = self._refits.get(kind)
         if cached is not None and 0 <= now - cached[0] < self.REFIT_SECONDS:

@@ -401,6 +401,8 @@ def test_the_rest_of_a_batch_plan_with_what_its_finished_and_running_tasks_show(
     time.now = 25.0
     refit = planner.current(DEV, start, now=time.now)
     assert refit is not None and refit.run.median > 1.1 * start.run.median
+    began_cold = TimingStats().estimate(DEV)  # a task that began before the kind was learned keeps its plan
+    assert began_cold is not None and planner.current(DEV, began_cold, now=time.now) is began_cold
     # The schedule reads the refit at each poll: a task of the batch plans further out than at its start.
     later = planner.schedule("b1", DEV)
     later.next_poll(None, now=time.now, scheduled=time.now)
