@@ -577,6 +577,9 @@ async def test_timings_are_learned_from_finished_tasks_and_survive_a_restart(tmp
     restarted.learn_from(await TaskLedger(tmp_path / "tasks.sqlite3").recent_timings())
     samples = restarted.stats.samples(DEV)
     assert len(samples) == 6 and samples[0] == Sample(queue=1.5, run=20.0)
+    finished = (await ledger.get("t0")).record
+    restarted.learn("t0", finished, DEV)  # read again after the restart: already one of the six
+    assert len(restarted.stats.samples(DEV)) == 6
     estimate = restarted.stats.estimate(DEV)
     assert estimate is not None and estimate.learned and estimate.run.median == pytest.approx(20.0, rel=0.01)
     assert len(await ledger.recent_timings(limit=2)) == 2
