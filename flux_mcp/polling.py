@@ -336,8 +336,7 @@ class PollPlanner:
         """Learn from `(model, task_type, request input, record)` rows, newest first (as
         `TaskLedger.recent_timings` gives them), so the newest are kept when the bound bites."""
         for model, task_type, task_input, record in reversed(list(rows)):
-            if self.stats.learn(TaskKind.of(model, task_type, task_input), record):
-                self._remember(self._learned, record.task_id, True)  # type: ignore[arg-type]
+            self.learn(record.task_id, record, TaskKind.of(model, task_type, task_input))
 
     def learn(self, task_id: str, record: TaskRecord, kind: TaskKind | None = None) -> None:
         """A finished task: one sample, however often it is seen finished (a client may read a
