@@ -12,6 +12,8 @@ import statistics
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flux_mcp import errors
 from flux_mcp.ledger import TaskLedger
@@ -29,7 +31,7 @@ from flux_mcp.polling import (
 )
 from flux_mcp.push import TaskEvents
 from flux_mcp.record import TaskRecord
-from flux_mcp.timing import MAX_KINDS, MAX_SAMPLES, PRIORS, Running, Sample, TaskKind, TimingStats
+from flux_mcp.timing import MAX_KINDS, MAX_SAMPLES, PRIORS, Estimate, LogNormal, Running, Sample, TaskKind, TimingStats
 
 pytestmark = pytest.mark.anyio
 
@@ -600,3 +602,37 @@ def test_the_pace_seen_on_one_kind_scales_the_priors_of_kinds_not_yet_learned():
         stats.add(schnell, Sample(queue=1000, run=100000))  # absurdly slow: bounded
     bounded = stats.estimate(DEV)
     assert bounded is not None and bounded.expected_total() == pytest.approx(before.expected_total() * 20)
+
+
+@given(
+    queue=st.tuples(st.floats(-2.0, 1.5), st.floats(0.05, 1.2)),
+    run=st.tuples(st.floats(-1.0, 3.5), st.floats(0.02, 0.8)),
+    p=st.sampled_from([0.98, 0.5, 0.98 / 3, 0.98 / 7, 0.2]),
+    queued_for=st.floats(0.0, 40.0),
+    extra=st.floats(0.0, 30.0),
+)
+def test_a_planned_poll_is_the_conditional_quantile_of_the_finish_to_within_a_millisecond(
+    queue: tuple[float, float], run: tuple[float, float], p: float, queued_for: float, extra: float
+) -> None:
+    """While a task is queued, its finish is queue + run: the planner's quantile of it, given the
+    task is still queued `queued_for` s in and unfinished at `elapsed`, matches a plain bisection on
+    the same mixture (24 points of the conditional queue time) to within 1 ms above."""
+    q, r = LogNormal(*queue), LogNormal(*run)
+    elapsed = queued_for + extra
+    low = q.cdf(queued_for)
+    points = [max(queued_for, q.quantile(low + (j + 0.5) / 24 * (1 - low))) for j in range(24)]
+    normal = statistics.NormalDist()
+
+    def cdf(t: float) -> float:
+        return sum(normal.cdf((math.log(t - x) - r.mu) / r.sigma) for x in points if t > x) / 24
+
+    done = cdf(elapsed)
+    if done >= 1 - 1e-9:
+        return
+    target = done + p * (1 - done)
+    lo, hi = elapsed, max(elapsed, points[-1] + r.quantile(0.9999))  # past the far tail: due now
+    while hi - lo > 1e-7:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < target else (lo, mid)
+    planned = Estimate(q, r, samples=5).completion_quantile(p, queued_for=queued_for, elapsed=elapsed)
+    assert lo - 1e-6 <= planned <= hi + 1e-3 + 1e-6
