@@ -54,7 +54,8 @@ def test_a_first_call_after_ready_to_serve_loads_nothing_more_and_startup_object
     assert ready["certificates_loaded"]  # not on the event loop during the first call
     assert ready["frozen"] > 10_000  # modules, classes, functions: never scanned again
     young, middle, full = ready["after"]
-    assert [young, middle] == ready["before"][:2] and full > ready["before"][2]
+    # Collected less often: the young objects of calls in flight, and every object, fully.
+    assert young >= 50_000 > ready["before"][0] and middle == ready["before"][1] and full > ready["before"][2]
 
 
 def _plain_environment() -> dict[str, str]:
