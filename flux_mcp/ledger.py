@@ -132,6 +132,14 @@ class SavedImageRow(BaseModel):
     bytes: int | None = None
 
 
+@dataclass(frozen=True)
+class DownloadClaim:
+    """Whether a process may download a task's images now, and the image rows stored so far."""
+
+    granted: bool
+    saved: builtins.list[SavedImageRow]
+
+
 class LedgerEntry(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -876,9 +884,13 @@ class TaskLedger:
         False when the task is unknown, every image PiAPI returned already has a local copy, or
         another live owner holds an unexpired lease. Re-claiming one's own lease renews it.
         """
+        return (await self.claim_for_download(task_id, owner, lease_seconds)).granted
+
+    async def claim_for_download(self, task_id: str, owner: str, lease_seconds: float = 120) -> DownloadClaim:
+        """`claim_downloads`, and the image rows already stored, read in the same transaction."""
         now = self._clock()
 
-        def claim(conn: sqlite3.Connection) -> bool:
+        def claim(conn: sqlite3.Connection) -> DownloadClaim:
             with _immediate(conn):
                 row = conn.execute(
                     "SELECT local_id, image_urls_json, download_owner, download_lease_until FROM tasks "
@@ -886,23 +898,22 @@ class TaskLedger:
                     (task_id,),
                 ).fetchone()
                 if row is None:
-                    return False
-                saved = conn.execute(
-                    "SELECT COUNT(path) FROM images WHERE local_id = ?", (row["local_id"],)
-                ).fetchone()[0]
+                    return DownloadClaim(granted=False, saved=[])
+                images = self._images_for(conn, [row["local_id"]])[row["local_id"]]
+                saved = sum(1 for image in images if image.path is not None)
                 # Done only when every image PiAPI returned has a copy: a batch interrupted after
                 # its first image stored one row, not all of them.
                 if saved > 0 and saved >= len(json.loads(row["image_urls_json"])):
-                    return False
+                    return DownloadClaim(granted=False, saved=images)
                 holder, until = row["download_owner"], row["download_lease_until"]
                 live = until is not None and until > now and not owner_is_gone(holder)
                 if holder is not None and holder != owner and live:
-                    return False
+                    return DownloadClaim(granted=False, saved=images)
                 conn.execute(
                     "UPDATE tasks SET download_owner = ?, download_lease_until = ? WHERE local_id = ?",
                     (owner, now + lease_seconds, row["local_id"]),
                 )
-                return True
+                return DownloadClaim(granted=True, saved=images)
 
         return await self._run(claim)
 

@@ -127,7 +127,7 @@ class TaskService:
         self.client = client
         self.ledger = ledger
         self.store = store
-        self._image_threads = store.threads if store is not None else anyio.CapacityLimiter(IMAGE_THREADS)
+        self._image_threads = anyio.CapacityLimiter(IMAGE_THREADS)  # previews made from files
         self.resolver = resolver
         self.policy = policy
         self.planner = planner or PollPlanner(budget=settings.poll_budget, clock=clock)
@@ -138,6 +138,8 @@ class TaskService:
         self._owner = new_owner_id()
         self.background = background
         self._downloads: dict[str, _DownloadJob] = {}  # task id -> its download running in this process
+        self._spent: tuple[float, float] | None = None  # (when the last read of today's spend began, USD)
+        self._spent_read: tuple[float, anyio.Event] | None = None  # the newest read under way: began, ended
         self.guard = SpendGuard(settings.daily_budget_usd, settings.confirm_above_usd)
         self._timings_loaded = False
         limit = settings.max_concurrent_tasks
@@ -160,9 +162,29 @@ class TaskService:
         slot = idempotency_slot(self.client.base_url, tool, payload_fingerprint, key)
         return slot, None if key else self.settings.idempotency_window_seconds
 
-    async def spent_today(self) -> float:
-        """USD charged today (UTC) across every process sharing the ledger."""
-        return await self.ledger.spent_since(day_start(time.time()))
+    async def spent_today(self, *, since: float | None = None) -> float:
+        """USD charged today (UTC) across every process sharing the ledger, from a read that began
+        at `since` (wall clock; default: now) or later. Calls finishing together share one read:
+        one begun after a call's outcome was recorded counts its cost (or refund)."""
+        since = time.time() if since is None else since
+        while True:
+            if self._spent is not None and self._spent[0] >= since:
+                return self._spent[1]
+            under_way = self._spent_read
+            if under_way is None or under_way[0] < since:
+                break  # none begun late enough: begin one now (and let later callers join it)
+            await under_way[1].wait()
+        began, done = time.time(), anyio.Event()
+        self._spent_read = (began, done)
+        try:
+            spent = await self.ledger.spent_since(day_start(began))
+            if self._spent is None or began > self._spent[0]:
+                self._spent = (began, spent)
+            return spent
+        finally:
+            if self._spent_read is not None and self._spent_read[1] is done:
+                self._spent_read = None
+            done.set()
 
     async def would_reattach(self, tool: str, request: TaskRequest, idempotency_key: str | None) -> bool:
         """Whether `submit` would re-attach to a task already paid for (so costs nothing)."""
@@ -470,16 +492,16 @@ class TaskService:
         self, record: TaskRecord, entry: LedgerEntry, notes: list[str]
     ) -> list[SavedImageRow]:
         deadline = self._clock() + DOWNLOAD_WAIT_SECONDS
-        while not await self.ledger.claim_downloads(record.task_id, self._owner):
+        # One ledger step takes the lease and reads what is already saved.
+        while not (claim := await self.ledger.claim_for_download(record.task_id, self._owner)).granted:
             # Another live process holds the lease: wait for its copies rather than download twice.
-            saved = await self.ledger.images(record.task_id)
-            if _all_saved(saved, record.image_urls):
-                return saved
+            if _all_saved(claim.saved, record.image_urls):
+                return claim.saved
             if self._clock() >= deadline:
                 notes.append("another piapi-flux-mcp process is saving these images; ask again shortly for the paths")
-                return saved
+                return claim.saved
             await self._sleep(0.2)
-        rows = {row.n: row for row in await self.ledger.images(record.task_id) if row.path}
+        rows = {row.n: row for row in claim.saved if row.path}
         try:
             await self._download_missing(record, entry, rows, notes)
         finally:
@@ -510,9 +532,17 @@ class TaskService:
                     tg.start_soon(save, n, url)
 
     async def previews(self, images: list[tuple[str, str | None]], *, limit: int = 4) -> list[tuple[bytes, str]]:
-        """Thumbnails of up to `limit` images `(url, local path)`: from the local copy when there is
-        one, else fetched into memory. A preview that fails is skipped; it never fails the call."""
+        """Thumbnails of up to `limit` images `(url, local path)`: the one made when the image was
+        saved, else from the local copy, else fetched into memory. A preview that fails is
+        skipped; it never fails the call."""
         previews: list[tuple[bytes, str] | None] = [None] * min(limit, len(images))
+        missing = []
+        for i, (url, path) in enumerate(images[:limit]):
+            previews[i] = self.store.take_preview(path) if path and self.store is not None else None
+            if previews[i] is None:
+                missing.append((i, url, path))
+        if not missing:
+            return [p for p in previews if p is not None]
 
         async def preview(i: int, url: str, path: str | None) -> None:
             try:
@@ -529,7 +559,7 @@ class TaskService:
         # they never hold the call for long (a preview still being fetched is left out).
         with anyio.move_on_after(PREVIEW_SECONDS):
             async with anyio.create_task_group() as tg:
-                for i, (url, path) in enumerate(images[:limit]):
+                for i, url, path in missing:
                     tg.start_soon(preview, i, url, path)
         return [p for p in previews if p is not None]
 

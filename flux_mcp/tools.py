@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -281,7 +282,10 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any], app
                     await service.cancel_quietly(record.task_id)
             raise
     outcome.reattached = submitted.reattached
-    cost, spent = submitted.request.estimated_cost_usd, await service.spent_today()
+    # The task's cost, and its refund if PiAPI did not bill it, are in the ledger by now: a read of
+    # today's spend begun from here on (perhaps another call's) counts them.
+    settled = time.time()
+    cost, spent = submitted.request.estimated_cost_usd, await service.spent_today(since=settled)
     return await _present(service, outcome, submitted.include, estimated_cost_usd=cost, spent_today_usd=spent)
 
 

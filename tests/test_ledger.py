@@ -20,6 +20,7 @@ from flux_mcp import errors
 from flux_mcp.ledger import (
     SCHEMA_VERSION,
     SPENT_SINCE_SQL,
+    DownloadClaim,
     LedgerEntry,
     Reservation,
     SavedImageRow,
@@ -348,6 +349,25 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(errors.StorageError, match="newer"):
         await TaskLedger(path).open()
+
+
+@pytest.mark.anyio
+async def test_a_download_claim_carries_the_rows_already_saved(tmp_path: Path) -> None:
+    """Taking the lease and reading what is saved is one ledger step, so a retry downloads only
+    the images still missing."""
+    async with TaskLedger(tmp_path / "t.db") as ledger:
+        assert await ledger.claim_for_download("unknown", "a") == DownloadClaim(granted=False, saved=[])
+        await ledger.record(task("t-1", "completed", image_urls=["https://cdn/1.png", "https://cdn/2.png"]))
+        claim = await ledger.claim_for_download("t-1", "a")
+        assert claim.granted and claim.saved == []
+        first = SavedImageRow(n=0, url="https://cdn/1.png", path="/o/t-1_0.png", sha256="ab", bytes=10)
+        await ledger.save_images("t-1", [first, SavedImageRow(n=1, url="https://cdn/2.png")])
+        claim = await ledger.claim_for_download("t-1", "b")
+        assert claim.granted and claim.saved == [first, SavedImageRow(n=1, url="https://cdn/2.png")]
+        assert not (await ledger.claim_for_download("t-1", "c")).granted  # b holds the lease now
+        second = SavedImageRow(n=1, url="https://cdn/2.png", path="/o/t-1_1.png", sha256="cd", bytes=11)
+        await ledger.save_images("t-1", [second])
+        assert await ledger.claim_for_download("t-1", "c") == DownloadClaim(granted=False, saved=[first, second])
 
 
 @pytest.mark.anyio

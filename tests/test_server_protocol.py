@@ -16,6 +16,7 @@ import pytest
 from mcp import Client
 from PIL import Image
 
+from flux_mcp import lifecycle
 from flux_mcp.parameters import TASK_TOOLS
 
 pytestmark = pytest.mark.anyio
@@ -136,6 +137,16 @@ async def test_thumbnail_respects_the_caps_and_can_be_switched_off(client):
         assert max(image.size) <= 512
     off = await client.call_tool("flux_txt2img", {"prompt": "big", "include_image": "none", "idempotency_key": "x"})
     assert [c.type for c in off.content] == ["text", "resource_link"]
+
+
+async def test_a_call_shows_the_preview_made_while_saving_with_no_second_thumbnail(client, monkeypatch):
+    made_later = []
+    monkeypatch.setattr(lifecycle, "make_thumbnail", lambda *a, **k: made_later.append(a))
+    result = await client.call_tool("flux_txt2img", {"prompt": "once", "width": 512, "height": 512})
+    (thumb,) = [c for c in result.content if c.type == "image"]
+    (image,) = result.structured_content["images"]
+    assert base64.b64decode(thumb.data) == Path(image["path"]).read_bytes()  # 512 px: it is its own preview
+    assert made_later == []
 
 
 async def test_batch_gives_every_image_and_at_most_four_thumbnails(client):

@@ -7,8 +7,10 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import UTC, datetime
 
+import anyio
 import pytest
 from mcp import Client
 from mcp.types import ElicitResult
@@ -212,3 +214,35 @@ async def test_without_elicitation_a_call_above_the_threshold_is_refused_naming_
         cheap = await client.call_tool("flux_txt2img", {"prompt": "one"})
         assert cheap.structured_content["status"] == "completed"
     assert len(posts(sim)) == 1
+
+
+async def test_calls_finishing_together_share_one_read_of_the_day_s_spend(tmp_path, make_service, settings):
+    """A read of today's spend begun after a call's outcome was recorded serves it, however many
+    calls finish at once; a read begun earlier does not."""
+    async with TaskLedger(tmp_path / "tasks.sqlite3") as ledger:
+        service = make_service(settings, None, ledger)
+        await ledger.reserve(
+            idempotency_key="k", window_seconds=None, tool="t", task_type="txt2img", model="Qubico/flux1-schnell",
+            request={}, payload={}, estimated_cost_usd=SCHNELL,
+        )  # fmt: skip
+        reads, release, real = [], anyio.Event(), ledger.spent_since
+
+        async def held_read(since: float) -> float:
+            reads.append(since)
+            await release.wait()
+            return await real(since)
+
+        ledger.spent_since = held_read
+        settled, answers = time.time(), []
+
+        async def finishing_call() -> None:
+            answers.append(await service.spent_today(since=settled))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(finishing_call)
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+        assert len(reads) == 1 and answers == [SCHNELL] * 20
+        await anyio.sleep(0.01)
+        assert await service.spent_today() == SCHNELL and len(reads) == 2  # settled after that read began
