@@ -27,14 +27,14 @@ import json
 import logging
 import os
 import re
+import secrets
 import stat
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -84,6 +84,15 @@ def check_task_id(task_id: str) -> str:
     if not is_valid_task_id(task_id):
         raise errors.StorageError(f"task id {task_id!r} is not safe to use in a file name")
     return task_id
+
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _cleanup(*paths: Path) -> None:
@@ -143,13 +152,18 @@ class _PartFile:
     def __init__(self, stem: str, threads: anyio.CapacityLimiter) -> None:
         self.stem = stem
         self.threads = threads
-        self.file: IO[bytes] | None = None
+        self.fd: int | None = None
         self.path: Path | None = None
         self.sidecar: Path | None = None
 
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
     def _remove(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        with contextlib.suppress(OSError):
+            self.close()
         _cleanup(*(p for p in (self.path, self.sidecar) if p is not None))
 
     async def discard(self) -> None:
@@ -188,17 +202,34 @@ class ImageStore:
             _, dropped = self._fresh.popitem(last=False)
             self._fresh_bytes -= len(dropped[0])
 
-    def _write(self, part: _PartFile, chunks: list[bytes]) -> None:
-        """Append `chunks` to the temp file, creating it first if needed. Blocking."""
-        if part.file is None:
+    def _write(self, part: _PartFile, data: bytes) -> None:
+        """Append `data` to the temp file, creating it first if needed. Blocking.
+
+        Plain `os` calls, as few as the work needs: under load each system call hands the GIL
+        to the event loop's thread and waits to get it back."""
+        if part.fd is None:
+            part.path, part.fd = self._create_part(part.stem)
+        _write_all(part.fd, data)
+
+    def _create_part(self, stem: str) -> tuple[Path, int]:
+        """A new temp file `.<stem>.<pid>.<random>.part`, open for writing (the directory is made
+        when it is missing)."""
+        for attempt in range(5):
+            path = self.output_dir / f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.part"
             try:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-                fd, name = tempfile.mkstemp(dir=self.output_dir, prefix=f".{part.stem}.{os.getpid()}.", suffix=".part")
+                return path, os.open(path, _CREATE_FLAGS, 0o600)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                if attempt > 0:
+                    raise errors.StorageError(f"cannot write to {self.output_dir}: it keeps vanishing") from None
+                try:
+                    self.output_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise errors.StorageError(f"cannot write to {self.output_dir}: {exc}") from exc
             except OSError as exc:
                 raise errors.StorageError(f"cannot write to {self.output_dir}: {exc}") from exc
-            part.path = Path(name)
-            part.file = os.fdopen(fd, "wb")
-        part.file.writelines(chunks)
+        raise errors.StorageError(f"cannot write to {self.output_dir}: no free temp file name")
 
     async def save(
         self, client: PiAPIClient, *, task_id: str, n: int, url: str, sidecar: dict[str, Any]
@@ -234,7 +265,7 @@ class ImageStore:
                     pending.append(chunk)
                     buffered += len(chunk)
                     if buffered >= WRITE_BATCH_BYTES:
-                        batch, pending, buffered = pending, [], 0
+                        batch, pending, buffered = b"".join(pending), [], 0
                         await anyio.to_thread.run_sync(self._write, part, batch, limiter=self.threads)
             if detected is None:
                 detected = self._check_magic(url, head)
@@ -252,21 +283,28 @@ class ImageStore:
                 "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
 
+            whole = part.fd is None  # nothing written yet: the image is all in `pending`
+
             def commit() -> tuple[bytes, str] | None:
-                self._write(part, pending)
-                assert part.file is not None and part.path is not None
-                part.file.flush()
-                os.fsync(part.file.fileno())
-                part.file.close()
+                data = b"".join(pending)
+                self._write(part, data)
+                assert part.fd is not None and part.path is not None
+                os.fsync(part.fd)
+                part.close()
                 # Sidecar first: the step most likely to fail (disk full) happens before any rename.
                 part.sidecar = part.path.with_suffix(".json.part")
-                part.sidecar.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+                text = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+                fd = os.open(part.sidecar, _CREATE_FLAGS, 0o600)
+                try:
+                    _write_all(fd, text.encode())
+                finally:
+                    os.close(fd)
                 os.replace(part.path, final)
                 os.replace(part.sidecar, sidecar_path)
                 if not self.previews:
                     return None
                 try:  # an image larger than PiAPI makes is left to the preview threads (memory)
-                    return make_thumbnail(final, max_pixels=MAX_PIXELS)
+                    return make_thumbnail(data if whole else final, max_pixels=MAX_PIXELS)
                 except errors.StorageError as exc:  # saved all the same
                     log.info("no preview made while saving %s: %s", final, exc.message)
                     return None
