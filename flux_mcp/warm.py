@@ -56,6 +56,9 @@ YOUNG_COLLECTION_AFTER = 50_000  # net allocations (Python's default: 700; 2,000
 def ready_to_serve() -> None:
     for name in FIRST_CALL_MODULES:
         importlib.import_module(name)
+    from PIL import Image
+
+    Image.preinit()  # the format drivers opening an image held in memory loads (a preview made while saving)
     from flux_mcp.transport import tls_context
 
     tls_context()  # the certificate store, loaded before the first call rather than during it
