@@ -34,7 +34,15 @@ from flux_mcp import errors
 from flux_mcp.admission import AdmissionQueue, OnQueued
 from flux_mcp.catalog import TaskRequest, TaskType, expected_images
 from flux_mcp.files import IMAGE_THREADS, ImageStore, InputResolver, fetch_image, make_thumbnail
-from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id, owner_is_gone
+from flux_mcp.ledger import (
+    DownloadClaim,
+    LedgerEntry,
+    SavedImageRow,
+    TaskLedger,
+    fingerprint,
+    new_owner_id,
+    owner_is_gone,
+)
 from flux_mcp.parameters import build_request
 from flux_mcp.polling import (
     MIN_GAP_SECONDS,
@@ -356,14 +364,19 @@ class TaskService:
                 initial, last_known = (entry.record, None) if entry.record.is_terminal else (None, entry.record)
         last_status = initial.status if initial is not None else None
         recorded: LedgerEntry | None = None
+        claim: DownloadClaim | None = None
         deadline = self._clock() + timeout
         await self._load_timings()
 
         async def record_then_report(record: TaskRecord, elapsed: float) -> None:
-            nonlocal last_status, recorded
+            nonlocal last_status, recorded, claim
             if record.status != last_status:
                 last_status = record.status
-                recorded = await self.ledger.record(record)
+                if record.status == "completed" and record.image_urls and self.store is not None:
+                    # Seen completed: stored with its download lease taken, in one ledger step.
+                    recorded, claim = await self.ledger.record_and_claim(record, self._owner)
+                else:
+                    recorded = await self.ledger.record(record)
             if on_update is not None:
                 await on_update(record, elapsed)
 
@@ -393,8 +406,9 @@ class TaskService:
         except errors.NotFoundError:
             return await self._forgotten(task_id)
         if recorded is not None and recorded.record != record:
-            recorded = None
-        return await self.finish(record, patience=max(0.0, deadline - self._clock()), recorded=recorded, kind=kind)
+            recorded = claim = None
+        patience = max(0.0, deadline - self._clock())
+        return await self.finish(record, patience=patience, recorded=recorded, kind=kind, claim=claim)
 
     def suggested_poll_seconds(self, record: TaskRecord) -> float:
         """How long a client polling this task should wait before asking again (the Tasks
@@ -427,9 +441,11 @@ class TaskService:
         patience: float = 0.0,
         recorded: LedgerEntry | None = None,
         kind: TaskKind | None = None,
+        claim: DownloadClaim | None = None,
     ) -> TaskOutcome:
         """Record the latest state (unless `recorded`, the ledger's entry written for exactly this
-        record, is given) and, for a completed task, make sure local copies exist.
+        record, is given) and, for a completed task, make sure local copies exist (`claim`: the
+        download lease taken when `recorded` was written).
 
         `patience` is how long to wait for another process that is saving the same images.
         """
@@ -444,11 +460,16 @@ class TaskService:
             outcome.record = record = record.model_copy(update={"image_urls": record.image_urls[:asked]})
         if record.status != "completed" or self.store is None or not record.image_urls:
             return outcome
-        outcome.images = await self._ensure_downloads(record, entry, outcome.notes, patience)
+        outcome.images = await self._ensure_downloads(record, entry, outcome.notes, patience, claim)
         return outcome
 
     async def _ensure_downloads(
-        self, record: TaskRecord, entry: LedgerEntry, notes: list[str], patience: float
+        self,
+        record: TaskRecord,
+        entry: LedgerEntry,
+        notes: list[str],
+        patience: float,
+        claim: DownloadClaim | None = None,
     ) -> list[SavedImageRow]:
         """Local copies of a completed task's images, waiting for them at most `patience` seconds
         (the rest of the caller's deadline): a download still running then goes on in the
@@ -459,9 +480,9 @@ class TaskService:
         if job is None:
             job = self._downloads[record.task_id] = _DownloadJob()
             if self.background is None:
-                await self._download_job(record, entry, job)
+                await self._download_job(record, entry, job, claim)
             else:
-                self.background.start_soon(self._download_job, record, entry, job)
+                self.background.start_soon(self._download_job, record, entry, job, claim)
         with anyio.move_on_after(max(0.0, patience)):
             await job.done.wait()
         if job.done.is_set():
@@ -474,9 +495,11 @@ class TaskService:
         saved = {row.n: row for row in await self.ledger.images(record.task_id)}
         return [saved.get(n) or SavedImageRow(n=n, url=url) for n, url in enumerate(record.image_urls)]
 
-    async def _download_job(self, record: TaskRecord, entry: LedgerEntry, job: _DownloadJob) -> None:
+    async def _download_job(
+        self, record: TaskRecord, entry: LedgerEntry, job: _DownloadJob, claim: DownloadClaim | None = None
+    ) -> None:
         try:
-            job.rows = await self._claim_and_download(record, entry, job.notes)
+            job.rows = await self._claim_and_download(record, entry, job.notes, claim)
         except errors.FluxError as exc:
             job.notes.append(f"the images were not saved locally ({exc.message})")
         except anyio.get_cancelled_exc_class():
@@ -489,11 +512,13 @@ class TaskService:
             self._downloads.pop(record.task_id, None)
 
     async def _claim_and_download(
-        self, record: TaskRecord, entry: LedgerEntry, notes: list[str]
+        self, record: TaskRecord, entry: LedgerEntry, notes: list[str], claim: DownloadClaim | None = None
     ) -> list[SavedImageRow]:
         deadline = self._clock() + DOWNLOAD_WAIT_SECONDS
-        # One ledger step takes the lease and reads what is already saved.
-        while not (claim := await self.ledger.claim_for_download(record.task_id, self._owner)).granted:
+        # One ledger step takes the lease and reads what is already saved (unless `claim` did).
+        if claim is None or not claim.granted:
+            claim = await self.ledger.claim_for_download(record.task_id, self._owner)
+        while not claim.granted:
             # Another live process holds the lease: wait for its copies rather than download twice.
             if _all_saved(claim.saved, record.image_urls):
                 return claim.saved
@@ -501,6 +526,7 @@ class TaskService:
                 notes.append("another piapi-flux-mcp process is saving these images; ask again shortly for the paths")
                 return claim.saved
             await self._sleep(0.2)
+            claim = await self.ledger.claim_for_download(record.task_id, self._owner)
         rows = {row.n: row for row in claim.saved if row.path}
         try:
             await self._download_missing(record, entry, rows, notes)
