@@ -852,42 +852,29 @@ class TaskLedger:
     async def record(self, record: TaskRecord, *, tool: str | None = None) -> LedgerEntry:
         """Store PiAPI's latest view of a task, inserting tasks the ledger has not seen before."""
         now = self._clock()
-        return await self._run(lambda conn: self._upsert(conn, record, tool, now))
 
-    async def record_and_claim(
-        self, record: TaskRecord, owner: str, lease_seconds: float = 120
-    ) -> tuple[LedgerEntry, DownloadClaim]:
-        """`record`, then `claim_for_download`, as one ledger step: a task seen completed is
-        stored with its download lease taken in the same write."""
-        now = self._clock()
-
-        def both(conn: sqlite3.Connection) -> tuple[LedgerEntry, DownloadClaim]:
+        def upsert(conn: sqlite3.Connection) -> LedgerEntry:
             with _immediate(conn):
-                entry = self._upsert(conn, record, None, now)
-                return entry, self._claim(conn, record.task_id, owner, now, lease_seconds)
+                row = conn.execute("SELECT local_id FROM tasks WHERE task_id = ?", (record.task_id,)).fetchone()
+                if row is None:
+                    local_id = _insert_task(
+                        conn,
+                        task_id=record.task_id,
+                        tool=tool or "external",
+                        task_type=record.task_type,
+                        model=record.model,
+                        submit_state="submitted",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                else:
+                    local_id = row["local_id"]
+                self._apply_record(conn, local_id, record, now)
+                entry = self._one(conn, "local_id", local_id)
+                assert entry is not None
+                return entry
 
-        return await self._run(both)
-
-    def _upsert(self, conn: sqlite3.Connection, record: TaskRecord, tool: str | None, now: float) -> LedgerEntry:
-        with _immediate(conn):
-            row = conn.execute("SELECT local_id FROM tasks WHERE task_id = ?", (record.task_id,)).fetchone()
-            if row is None:
-                local_id = _insert_task(
-                    conn,
-                    task_id=record.task_id,
-                    tool=tool or "external",
-                    task_type=record.task_type,
-                    model=record.model,
-                    submit_state="submitted",
-                    created_at=now,
-                    updated_at=now,
-                )
-            else:
-                local_id = row["local_id"]
-            self._apply_record(conn, local_id, record, now)
-            entry = self._one(conn, "local_id", local_id)
-            assert entry is not None
-            return entry
+        return await self._run(upsert)
 
     # --- downloads --------------------------------------------------------------------------
 
@@ -902,33 +889,33 @@ class TaskLedger:
     async def claim_for_download(self, task_id: str, owner: str, lease_seconds: float = 120) -> DownloadClaim:
         """`claim_downloads`, and the image rows already stored, read in the same transaction."""
         now = self._clock()
-        return await self._run(lambda conn: self._claim(conn, task_id, owner, now, lease_seconds))
 
-    def _claim(
-        self, conn: sqlite3.Connection, task_id: str, owner: str, now: float, lease_seconds: float
-    ) -> DownloadClaim:
-        with _immediate(conn):
-            row = conn.execute(
-                "SELECT local_id, image_urls_json, download_owner, download_lease_until FROM tasks WHERE task_id = ?",
-                (task_id,),
-            ).fetchone()
-            if row is None:
-                return DownloadClaim(granted=False, saved=[])
-            images = self._images_for(conn, [row["local_id"]])[row["local_id"]]
-            saved = sum(1 for image in images if image.path is not None)
-            # Done only when every image PiAPI returned has a copy: a batch interrupted after its
-            # first image stored one row, not all of them.
-            if saved > 0 and saved >= len(json.loads(row["image_urls_json"])):
-                return DownloadClaim(granted=False, saved=images)
-            holder, until = row["download_owner"], row["download_lease_until"]
-            live = until is not None and until > now and not owner_is_gone(holder)
-            if holder is not None and holder != owner and live:
-                return DownloadClaim(granted=False, saved=images)
-            conn.execute(
-                "UPDATE tasks SET download_owner = ?, download_lease_until = ? WHERE local_id = ?",
-                (owner, now + lease_seconds, row["local_id"]),
-            )
-            return DownloadClaim(granted=True, saved=images)
+        def claim(conn: sqlite3.Connection) -> DownloadClaim:
+            with _immediate(conn):
+                row = conn.execute(
+                    "SELECT local_id, image_urls_json, download_owner, download_lease_until FROM tasks "
+                    "WHERE task_id = ?",
+                    (task_id,),
+                ).fetchone()
+                if row is None:
+                    return DownloadClaim(granted=False, saved=[])
+                images = self._images_for(conn, [row["local_id"]])[row["local_id"]]
+                saved = sum(1 for image in images if image.path is not None)
+                # Done only when every image PiAPI returned has a copy: a batch interrupted after
+                # its first image stored one row, not all of them.
+                if saved > 0 and saved >= len(json.loads(row["image_urls_json"])):
+                    return DownloadClaim(granted=False, saved=images)
+                holder, until = row["download_owner"], row["download_lease_until"]
+                live = until is not None and until > now and not owner_is_gone(holder)
+                if holder is not None and holder != owner and live:
+                    return DownloadClaim(granted=False, saved=images)
+                conn.execute(
+                    "UPDATE tasks SET download_owner = ?, download_lease_until = ? WHERE local_id = ?",
+                    (owner, now + lease_seconds, row["local_id"]),
+                )
+                return DownloadClaim(granted=True, saved=images)
+
+        return await self._run(claim)
 
     async def save_images(self, task_id: str, images: builtins.list[SavedImageRow]) -> None:
         """Store the per-image rows (replacing rows with the same n) and drop the download lease."""

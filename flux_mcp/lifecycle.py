@@ -34,15 +34,7 @@ from flux_mcp import errors
 from flux_mcp.admission import AdmissionQueue, OnQueued
 from flux_mcp.catalog import TaskRequest, TaskType, expected_images
 from flux_mcp.files import IMAGE_THREADS, ImageStore, InputResolver, fetch_image, make_thumbnail
-from flux_mcp.ledger import (
-    DownloadClaim,
-    LedgerEntry,
-    SavedImageRow,
-    TaskLedger,
-    fingerprint,
-    new_owner_id,
-    owner_is_gone,
-)
+from flux_mcp.ledger import LedgerEntry, SavedImageRow, TaskLedger, fingerprint, new_owner_id, owner_is_gone
 from flux_mcp.parameters import build_request
 from flux_mcp.polling import (
     MIN_GAP_SECONDS,
@@ -364,19 +356,14 @@ class TaskService:
                 initial, last_known = (entry.record, None) if entry.record.is_terminal else (None, entry.record)
         last_status = initial.status if initial is not None else None
         recorded: LedgerEntry | None = None
-        claim: DownloadClaim | None = None
         deadline = self._clock() + timeout
         await self._load_timings()
 
         async def record_then_report(record: TaskRecord, elapsed: float) -> None:
-            nonlocal last_status, recorded, claim
+            nonlocal last_status, recorded
             if record.status != last_status:
                 last_status = record.status
-                if record.status == "completed" and record.image_urls and self.store is not None:
-                    # Seen completed: stored with its download lease taken, in one ledger step.
-                    recorded, claim = await self.ledger.record_and_claim(record, self._owner)
-                else:
-                    recorded = await self.ledger.record(record)
+                recorded = await self.ledger.record(record)
             if on_update is not None:
                 await on_update(record, elapsed)
 
@@ -406,9 +393,8 @@ class TaskService:
         except errors.NotFoundError:
             return await self._forgotten(task_id)
         if recorded is not None and recorded.record != record:
-            recorded = claim = None
-        patience = max(0.0, deadline - self._clock())
-        return await self.finish(record, patience=patience, recorded=recorded, kind=kind, claim=claim)
+            recorded = None
+        return await self.finish(record, patience=max(0.0, deadline - self._clock()), recorded=recorded, kind=kind)
 
     def suggested_poll_seconds(self, record: TaskRecord) -> float:
         """How long a client polling this task should wait before asking again (the Tasks
@@ -441,11 +427,9 @@ class TaskService:
         patience: float = 0.0,
         recorded: LedgerEntry | None = None,
         kind: TaskKind | None = None,
-        claim: DownloadClaim | None = None,
     ) -> TaskOutcome:
         """Record the latest state (unless `recorded`, the ledger's entry written for exactly this
-        record, is given) and, for a completed task, make sure local copies exist (`claim`: the
-        download lease taken when `recorded` was written).
+        record, is given) and, for a completed task, make sure local copies exist.
 
         `patience` is how long to wait for another process that is saving the same images.
         """
@@ -460,16 +444,11 @@ class TaskService:
             outcome.record = record = record.model_copy(update={"image_urls": record.image_urls[:asked]})
         if record.status != "completed" or self.store is None or not record.image_urls:
             return outcome
-        outcome.images = await self._ensure_downloads(record, entry, outcome.notes, patience, claim)
+        outcome.images = await self._ensure_downloads(record, entry, outcome.notes, patience)
         return outcome
 
     async def _ensure_downloads(
-        self,
-        record: TaskRecord,
-        entry: LedgerEntry,
-        notes: list[str],
-        patience: float,
-        claim: DownloadClaim | None = None,
+        self, record: TaskRecord, entry: LedgerEntry, notes: list[str], patience: float
     ) -> list[SavedImageRow]:
         """Local copies of a completed task's images, waiting for them at most `patience` seconds
         (the rest of the caller's deadline): a download still running then goes on in the
@@ -480,9 +459,9 @@ class TaskService:
         if job is None:
             job = self._downloads[record.task_id] = _DownloadJob()
             if self.background is None:
-                await self._download_job(record, entry, job, claim)
+                await self._download_job(record, entry, job)
             else:
-                self.background.start_soon(self._download_job, record, entry, job, claim)
+                self.background.start_soon(self._download_job, record, entry, job)
         with anyio.move_on_after(max(0.0, patience)):
             await job.done.wait()
         if job.done.is_set():
@@ -495,11 +474,9 @@ class TaskService:
         saved = {row.n: row for row in await self.ledger.images(record.task_id)}
         return [saved.get(n) or SavedImageRow(n=n, url=url) for n, url in enumerate(record.image_urls)]
 
-    async def _download_job(
-        self, record: TaskRecord, entry: LedgerEntry, job: _DownloadJob, claim: DownloadClaim | None = None
-    ) -> None:
+    async def _download_job(self, record: TaskRecord, entry: LedgerEntry, job: _DownloadJob) -> None:
         try:
-            job.rows = await self._claim_and_download(record, entry, job.notes, claim)
+            job.rows = await self._claim_and_download(record, entry, job.notes)
         except errors.FluxError as exc:
             job.notes.append(f"the images were not saved locally ({exc.message})")
         except anyio.get_cancelled_exc_class():
@@ -512,13 +489,11 @@ class TaskService:
             self._downloads.pop(record.task_id, None)
 
     async def _claim_and_download(
-        self, record: TaskRecord, entry: LedgerEntry, notes: list[str], claim: DownloadClaim | None = None
+        self, record: TaskRecord, entry: LedgerEntry, notes: list[str]
     ) -> list[SavedImageRow]:
         deadline = self._clock() + DOWNLOAD_WAIT_SECONDS
-        # One ledger step takes the lease and reads what is already saved (unless `claim` did).
-        if claim is None or not claim.granted:
-            claim = await self.ledger.claim_for_download(record.task_id, self._owner)
-        while not claim.granted:
+        # One ledger step takes the lease and reads what is already saved.
+        while not (claim := await self.ledger.claim_for_download(record.task_id, self._owner)).granted:
             # Another live process holds the lease: wait for its copies rather than download twice.
             if _all_saved(claim.saved, record.image_urls):
                 return claim.saved
@@ -526,7 +501,6 @@ class TaskService:
                 notes.append("another piapi-flux-mcp process is saving these images; ask again shortly for the paths")
                 return claim.saved
             await self._sleep(0.2)
-            claim = await self.ledger.claim_for_download(record.task_id, self._owner)
         rows = {row.n: row for row in claim.saved if row.path}
         try:
             await self._download_missing(record, entry, rows, notes)

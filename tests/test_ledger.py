@@ -371,17 +371,6 @@ async def test_a_download_claim_carries_the_rows_already_saved(tmp_path: Path) -
 
 
 @pytest.mark.anyio
-async def test_recording_a_completed_task_can_take_its_download_lease_in_the_same_write(tmp_path: Path) -> None:
-    async with TaskLedger(tmp_path / "t.db") as ledger:
-        done = task("t-1", "completed", image_urls=["https://cdn/1.png"])
-        entry, claim = await ledger.record_and_claim(done, "a")
-        assert entry.record == done and claim == DownloadClaim(granted=True, saved=[])
-        entry, claim = await ledger.record_and_claim(done, "b")  # a's lease is live
-        assert entry.record == done and not claim.granted
-        assert await ledger.claim_downloads("t-1", "a")  # a renews its own
-
-
-@pytest.mark.anyio
 async def test_claim_downloads_lease(tmp_path: Path) -> None:
     clock = FakeClock()
     async with TaskLedger(tmp_path / "t.db", clock=clock) as ledger:

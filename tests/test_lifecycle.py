@@ -154,20 +154,3 @@ async def test_a_reservation_far_older_than_any_create_is_settled_whoever_owns_i
     with pytest.raises(errors.SubmitUncertainError, match="unknown outcome"):
         await service.submit("flux_txt2img", request)
     assert posts(sim) == 0
-
-
-async def test_a_task_seen_completed_is_stored_with_its_download_lease_in_one_ledger_step(service, monkeypatch):
-    """The lease for its images is taken in the write that stores the completed state; the
-    download that follows asks the ledger for no lease of its own."""
-    asked_again = []
-    monkeypatch.setattr(service.ledger, "claim_for_download", lambda *a, **k: asked_again.append(a))
-    args = {"prompt": "one step", "width": 512, "height": 512}
-    submission = await service.submit("flux_txt2img", build_request(TaskType.TXT2IMG, args), arguments=args)
-    outcome = await service.wait(submission.record.task_id, timeout=30, initial=submission.record)
-    assert outcome.record.status == "completed" and outcome.images[0].path is not None
-    assert asked_again == []
-    monkeypatch.undo()
-    entry = await service.ledger.get(submission.record.task_id)
-    assert entry.images == outcome.images  # and the lease was given back with the saved rows
-    again = await service.ledger.claim_for_download(submission.record.task_id, "another process")
-    assert not again.granted and again.saved == outcome.images  # everything is saved: nothing to claim
