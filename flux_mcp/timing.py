@@ -165,8 +165,9 @@ class Estimate:
         if done >= 1 - 1e-9:
             return floor
         target = done + p * (1 - done)
-        # A task already past the mixture's far tail is due now: never a time before `floor`.
-        hi = max(floor, queue_points[-1] + self.run.quantile(0.9999))
+        # Every component's cdf reaches the target there, so the mixture's does; and a task
+        # already past the far tail is due now: never a time before `floor`.
+        hi = max(floor, queue_points[-1] + self.run.quantile(max(0.9999, target)))
         return _solve(lambda t: _mixture(t, queue_points, self.run), target, floor, hi)
 
 
@@ -191,7 +192,7 @@ def _solve(f: Callable[[float], tuple[float, float]], target: float, lo: float, 
     landed. A few evaluations where bisection takes fifteen."""
     t = (lo + hi) / 2
     newton_steps = 0
-    while hi - lo > _TOLERANCE:
+    while hi - lo > _TOLERANCE and lo < (lo + hi) / 2 < hi:  # (the second: far out, floats run out)
         value, slope = f(t)
         if value < target:
             lo = t
