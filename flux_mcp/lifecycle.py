@@ -138,8 +138,10 @@ class TaskService:
         self._owner = new_owner_id()
         self.background = background
         self._downloads: dict[str, _DownloadJob] = {}  # task id -> its download running in this process
-        self._spent: tuple[float, float] | None = None  # (when the last read of today's spend began, USD)
-        self._spent_read: tuple[float, anyio.Event] | None = None  # the newest read under way: began, ended
+        # Reads of today's spend shared by calls finishing together, numbered as they begin:
+        self._spend_reads = 0
+        self._spent: tuple[int, float] | None = None  # the newest finished read: its number, USD
+        self._spent_read: tuple[int, anyio.Event] | None = None  # the newest read under way, and its end
         self.guard = SpendGuard(settings.daily_budget_usd, settings.confirm_above_usd)
         self._timings_loaded = False
         limit = settings.max_concurrent_tasks
@@ -162,24 +164,32 @@ class TaskService:
         slot = idempotency_slot(self.client.base_url, tool, payload_fingerprint, key)
         return slot, None if key else self.settings.idempotency_window_seconds
 
-    async def spent_today(self, *, since: float | None = None) -> float:
-        """USD charged today (UTC) across every process sharing the ledger, from a read that began
-        at `since` (wall clock; default: now) or later. Calls finishing together share one read:
-        one begun after a call's outcome was recorded counts its cost (or refund)."""
-        since = time.time() if since is None else since
+    def spend_mark(self) -> int:
+        """A mark for `spent_today(after=...)`: taken once a call's outcome is in the ledger."""
+        return self._spend_reads
+
+    async def spent_today(self, *, after: int | None = None) -> float:
+        """USD charged today (UTC) across every process sharing the ledger.
+
+        With `after` (a `spend_mark()`), from any read begun after that mark, which counts
+        everything recorded before it: calls finishing together share one read. Without it, from
+        a read of its own (the spend guard decides on it)."""
+        if after is None:
+            return await self.ledger.spent_since(day_start(time.time()))
         while True:
-            if self._spent is not None and self._spent[0] >= since:
+            if self._spent is not None and self._spent[0] > after:
                 return self._spent[1]
             under_way = self._spent_read
-            if under_way is None or under_way[0] < since:
+            if under_way is None or under_way[0] <= after:
                 break  # none begun late enough: begin one now (and let later callers join it)
             await under_way[1].wait()
-        began, done = time.time(), anyio.Event()
-        self._spent_read = (began, done)
+        self._spend_reads += 1
+        read, done = self._spend_reads, anyio.Event()
+        self._spent_read = (read, done)
         try:
-            spent = await self.ledger.spent_since(day_start(began))
-            if self._spent is None or began > self._spent[0]:
-                self._spent = (began, spent)
+            spent = await self.ledger.spent_since(day_start(time.time()))
+            if self._spent is None or read > self._spent[0]:
+                self._spent = (read, spent)
             return spent
         finally:
             if self._spent_read is not None and self._spent_read[1] is done:

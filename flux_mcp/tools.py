@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -284,8 +283,8 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any], app
     outcome.reattached = submitted.reattached
     # The task's cost, and its refund if PiAPI did not bill it, are in the ledger by now: a read of
     # today's spend begun from here on (perhaps another call's) counts them.
-    settled = time.time()
-    cost, spent = submitted.request.estimated_cost_usd, await service.spent_today(since=settled)
+    settled = service.spend_mark()
+    cost, spent = submitted.request.estimated_cost_usd, await service.spent_today(after=settled)
     return await _present(service, outcome, submitted.include, estimated_cost_usd=cost, spent_today_usd=spent)
 
 

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from datetime import UTC, datetime
 
 import anyio
@@ -233,10 +232,10 @@ async def test_calls_finishing_together_share_one_read_of_the_day_s_spend(tmp_pa
             return await real(since)
 
         ledger.spent_since = held_read
-        settled, answers = time.time(), []
+        settled, answers = service.spend_mark(), []
 
         async def finishing_call() -> None:
-            answers.append(await service.spent_today(since=settled))
+            answers.append(await service.spent_today(after=settled))
 
         async with anyio.create_task_group() as tg:
             for _ in range(20):
@@ -244,5 +243,5 @@ async def test_calls_finishing_together_share_one_read_of_the_day_s_spend(tmp_pa
             await anyio.wait_all_tasks_blocked()
             release.set()
         assert len(reads) == 1 and answers == [SCHNELL] * 20
-        await anyio.sleep(0.01)
-        assert await service.spent_today() == SCHNELL and len(reads) == 2  # settled after that read began
+        assert await service.spent_today(after=service.spend_mark()) == SCHNELL and len(reads) == 2  # settled later
+        assert await service.spent_today() == SCHNELL and len(reads) == 3  # the spend guard reads for itself
