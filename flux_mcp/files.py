@@ -294,7 +294,7 @@ class ImageStore:
                 # Sidecar first: the step most likely to fail (disk full) happens before any rename.
                 part.sidecar = part.path.with_suffix(".json.part")
                 text = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
-                fd = os.open(part.sidecar, _CREATE_FLAGS, 0o600)
+                fd = os.open(part.sidecar, _CREATE_FLAGS, 0o666)  # as `write_text` made it: the umask decides
                 try:
                     _write_all(fd, text.encode())
                 finally:
@@ -303,11 +303,14 @@ class ImageStore:
                 os.replace(part.sidecar, sidecar_path)
                 if not self.previews:
                     return None
+                # The image is saved: whatever happens to its preview now, the save stands.
                 try:  # an image larger than PiAPI makes is left to the preview threads (memory)
                     return make_thumbnail(data if whole else final, max_pixels=MAX_PIXELS)
-                except errors.StorageError as exc:  # saved all the same
+                except errors.StorageError as exc:
                     log.info("no preview made while saving %s: %s", final, exc.message)
-                    return None
+                except Exception:
+                    log.warning("no preview made while saving %s", final, exc_info=True)
+                return None
 
             preview = await anyio.to_thread.run_sync(commit, limiter=self.threads)
             if preview is not None:

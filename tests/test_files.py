@@ -115,6 +115,25 @@ async def test_previews_made_while_saving_are_kept_only_up_to_a_bound(
 
 
 @pytest.mark.anyio
+async def test_a_preview_that_fails_in_any_way_leaves_the_save_standing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a decoder bug")
+
+    monkeypatch.setattr(files, "make_thumbnail", broken)
+    store = ImageStore(tmp_path, max_bytes=1_000_000, previews=True)
+    row = await store.save(serve(image_bytes()), task_id="t", n=0, url="https://cdn.test/a", sidecar={})
+    assert row.path is not None and Path(row.path).read_bytes() == image_bytes()
+    assert store.take_preview(row.path) is None
+    assert listing(tmp_path) == ["t_0.json", "t_0.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "t_0.json").stat().st_mode & 0o777 == 0o666 & ~umask  # the sidecar: as any file
+    assert (tmp_path / "t_0.png").stat().st_mode & 0o777 == 0o600  # the image: its owner's alone, as before
+
+
+@pytest.mark.anyio
 async def test_an_image_larger_than_piapi_makes_is_saved_without_a_preview_in_the_save(tmp_path: Path) -> None:
     """The save step makes previews only of images PiAPI could have made (at most 1 MP, decoded in
     a few MB); a larger one is left to the preview threads, which still make one from the file."""
