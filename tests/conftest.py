@@ -26,6 +26,15 @@ def _isolated_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("FLUX_MCP_OUTPUT_DIR", str(tmp_path / "images"))
 
 
+async def until(predicate, seconds: float = 10.0) -> None:
+    """Wait (polling every 20 ms, at most `seconds`) until `predicate()` holds."""
+    import anyio
+
+    with anyio.fail_after(seconds):
+        while not predicate():
+            await anyio.sleep(0.02)
+
+
 # --- a fast simulator and a server wired to it ------------------------------------------------
 
 FAST_DURATIONS = {

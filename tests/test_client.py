@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 
+import anyio
 import httpx2
 import pytest
+from conftest import until
 
 from flux_mcp import errors
-from flux_mcp.client import PiAPIClient, RetryPolicy
+from flux_mcp.client import CONNECTIONS_PER_KIND, PiAPIClient, RetryPolicy
 
 pytestmark = pytest.mark.anyio
 
@@ -247,3 +249,83 @@ async def test_an_answer_just_under_the_cap_is_read():
     padding = "x" * (MAX_ANSWER_BYTES - 200)
     record = await make_client(Script(ok(task(padding=padding)))).get_task("t-1")
     assert record.task_id == "t-1"
+
+
+class Gate:
+    """An async transport whose requests wait until `open` is set, counting those in flight."""
+
+    def __init__(self) -> None:
+        self.open = anyio.Event()
+        self.in_flight = 0
+        self.most = 0
+        self.seen: list[str] = []
+
+    async def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        self.seen.append(request.url.path)
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await self.open.wait()
+        finally:
+            self.in_flight -= 1
+        return ok(task("processing", task_id=request.url.path.rsplit("/", 1)[-1]))
+
+
+def gated_client(gate: Gate, *, timeout_seconds: float = 30.0) -> PiAPIClient:
+    return PiAPIClient(
+        BASE, KEY, http=httpx2.AsyncClient(transport=httpx2.MockTransport(gate)), timeout_seconds=timeout_seconds
+    )
+
+
+async def test_requests_beyond_the_connection_limit_wait_their_turn_in_order():
+    gate = Gate()
+    ids = [f"t-{k:02d}" for k in range(CONNECTIONS_PER_KIND + 5)]
+    client = gated_client(gate)
+    answered: list[str] = []
+
+    async def get(task_id: str) -> None:
+        answered.append((await client.get_task(task_id)).task_id)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            for task_id in ids:
+                group.start_soon(get, task_id)
+                await anyio.sleep(0)  # queued in this order
+            await until(lambda: len(gate.seen) == CONNECTIONS_PER_KIND)
+            await anyio.sleep(0.05)
+            assert len(gate.seen) == CONNECTIONS_PER_KIND  # the rest wait for a slot, not in a pool
+            gate.open.set()
+    assert gate.most == CONNECTIONS_PER_KIND
+    assert [p.rsplit("/", 1)[-1] for p in gate.seen] == ids  # first come, first served
+    assert sorted(answered) == ids
+
+
+async def test_a_request_that_finds_no_free_connection_in_time_fails_retryably_unsent():
+    gate = Gate()
+    client = gated_client(gate, timeout_seconds=0.2)
+    client.retry = RetryPolicy(attempts=1)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            for k in range(CONNECTIONS_PER_KIND):
+                group.start_soon(client.get_task, f"t-{k:02d}")
+            await until(lambda: len(gate.seen) == CONNECTIONS_PER_KIND)
+            with pytest.raises(errors.NetworkError) as caught:
+                await client.create_task(PAYLOAD)
+            assert caught.value.retryable and "came free" in caught.value.message
+            assert len(gate.seen) == CONNECTIONS_PER_KIND  # the create was never sent
+            gate.open.set()
+
+
+async def test_a_cancelled_caller_holds_no_connection_slot():
+    gate = Gate()
+    client = gated_client(gate)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await client.get_task("t-cancelled")  # cancelled before it takes a slot
+    assert gate.seen == []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:  # every slot is still free
+            for k in range(CONNECTIONS_PER_KIND):
+                group.start_soon(client.get_task, f"t-{k:02d}")
+            await until(lambda: len(gate.seen) == CONNECTIONS_PER_KIND)
+            gate.open.set()

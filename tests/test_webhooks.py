@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+from conftest import until
 from mcp import Client
 
 from flux_mcp.http_app import build_http_app
@@ -83,12 +84,6 @@ def structured(result: Any) -> dict[str, Any]:
 async def call(hooked: Hooked, tool: str, args: dict[str, Any]) -> dict[str, Any]:
     async with Client(f"{hooked.url}/mcp") as client:
         return structured(await client.call_tool(tool, args))
-
-
-async def until(predicate, seconds: float = 10.0) -> None:
-    with anyio.fail_after(seconds):
-        while not predicate():
-            await anyio.sleep(0.02)
 
 
 async def test_a_generation_returns_on_the_webhook_without_a_poll(hooked: Hooked) -> None:
