@@ -27,6 +27,7 @@ in a process of its own. Everything runs on loopback. Linux only
     python bench/scale.py --quick          # N = 100, 300
     python bench/scale.py -n 1000 --workers 1 --workers 2   # throughput of one and two processes
     python bench/scale.py -n 1000 --floor  # beside a bare MCPServer whose tool only sleeps as long
+    python bench/scale.py -n 1000 --workers 1 --workers 2 --rounds 5   # ratios as median and range
 """
 
 from __future__ import annotations
@@ -261,6 +262,14 @@ async def run_load(mcp_url: str, n: int, run_id: str, include_image: str, side: 
     return {"completed": completed, "wall": wall, "probe": probe_times, "overheads": overheads}
 
 
+def spread(ratios: list[float]) -> str:
+    """A ratio measured in several rounds: its median and its range."""
+    ordered = sorted(ratios)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return f"median {median:.2f}x (range {ordered[0]:.2f}-{ordered[-1]:.2f}x)"
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -453,6 +462,13 @@ def main() -> None:
         action="store_true",
         help="also run a bare MCPServer whose tool only sleeps as long (what the SDK itself costs per call)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every configuration this many times, side by side, and print the ratios' median and range "
+        "(a shared machine drifts between runs; ratios from adjacent runs drift less)",
+    )
     parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_floor:
@@ -483,26 +499,41 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
-            throughput: dict[int, float] = {}
-            cpu: dict[int, float] = {}
-            for workers in worker_counts:
-                r = bench_one(n, workers, args, Path(tmp))
-                throughput[workers], cpu[workers] = row(n, str(workers), r), r["cpu"]
-            first = worker_counts[0]
-            for workers in worker_counts[1:]:
-                print(
-                    f"      N = {n}: {workers} workers carry {throughput[workers] / throughput[first]:.2f}x "
-                    f"the throughput of {first}",
-                    flush=True,
-                )
-            if args.floor:
-                floor = bench_floor(n, args)
-                row(n, "floor", floor)
-                print(
-                    f"      N = {n}: server CPU per call {cpu[first] / max(floor['cpu'], 1e-9):.1f}x the bare "
-                    f"MCPServer's ({cpu[first] / n * 1000:.1f} ms against {floor['cpu'] / n * 1000:.1f} ms)",
-                    flush=True,
-                )
+            worker_ratios: dict[int, list[float]] = {w: [] for w in worker_counts[1:]}
+            floor_ratios: list[float] = []
+            for _ in range(args.rounds):  # each round runs every configuration once, side by side
+                throughput: dict[int, float] = {}
+                cpu: dict[int, float] = {}
+                for workers in worker_counts:
+                    r = bench_one(n, workers, args, Path(tmp))
+                    throughput[workers], cpu[workers] = row(n, str(workers), r), r["cpu"]
+                first = worker_counts[0]
+                for workers in worker_counts[1:]:
+                    worker_ratios[workers].append(throughput[workers] / throughput[first])
+                    print(
+                        f"      N = {n}: {workers} workers carry {throughput[workers] / throughput[first]:.2f}x "
+                        f"the throughput of {first}",
+                        flush=True,
+                    )
+                if args.floor:
+                    floor = bench_floor(n, args)
+                    row(n, "floor", floor)
+                    floor_ratios.append(cpu[first] / max(floor["cpu"], 1e-9))
+                    print(
+                        f"      N = {n}: server CPU per call {floor_ratios[-1]:.1f}x the bare "
+                        f"MCPServer's ({cpu[first] / n * 1000:.1f} ms against {floor['cpu'] / n * 1000:.1f} ms)",
+                        flush=True,
+                    )
+            if args.rounds > 1:
+                for workers, ratios in worker_ratios.items():
+                    print(
+                        f"      N = {n}, {args.rounds} rounds: {workers} workers / {worker_counts[0]}: {spread(ratios)}"
+                    )
+                if floor_ratios:
+                    print(
+                        f"      N = {n}, {args.rounds} rounds: CPU per call / the bare MCPServer's: "
+                        + spread(floor_ratios)
+                    )
     timing = f"tasks {args.task_seconds:g} s" if args.task_seconds else "PiAPI-like schnell timing for that size"
     print(
         f"server: piapi-flux-mcp serve --transport http; include_image={args.include_image}; "
