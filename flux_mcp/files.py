@@ -177,13 +177,13 @@ class ImageStore:
     Temp files are `.<task_id>_<n>.<pid>.<random>.part`; the server sweeps those whose process is
     gone when it starts (see `sweep_partial_files`)."""
 
-    def __init__(self, output_dir: Path, *, max_bytes: int, previews: bool = False) -> None:
-        """With `previews`, each saved image's preview is made in the same worker-thread step as
-        its save, and kept for `take_preview` (the calls that show one need no second step)."""
+    def __init__(self, output_dir: Path, *, max_bytes: int) -> None:
+        """A save asked for a preview (`save(preview=True)`: a caller is waiting to show it) makes
+        it in the same worker-thread step, and keeps it for `take_preview` (the call that shows it
+        needs no second step)."""
         self.output_dir = Path(output_dir)
         self.max_bytes = max_bytes
         self.threads = anyio.CapacityLimiter(IMAGE_THREADS)
-        self.previews = previews
         self._fresh: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self._fresh_bytes = 0
 
@@ -232,8 +232,17 @@ class ImageStore:
         raise errors.StorageError(f"cannot write to {self.output_dir}: no free temp file name")
 
     async def save(
-        self, client: PiAPIClient, *, task_id: str, n: int, url: str, sidecar: dict[str, Any]
+        self,
+        client: PiAPIClient,
+        *,
+        task_id: str,
+        n: int,
+        url: str,
+        sidecar: dict[str, Any],
+        preview: bool = False,
     ) -> SavedImageRow:
+        """Download `url` and save it; with `preview` (a caller is waiting to show the image), make
+        its preview too (see `__init__`)."""
         from flux_mcp.catalog import MAX_PIXELS  # loaded with the tools that call this, not at start
 
         check_task_id(task_id)
@@ -301,7 +310,7 @@ class ImageStore:
                     os.close(fd)
                 os.replace(part.path, final)
                 os.replace(part.sidecar, sidecar_path)
-                if not self.previews:
+                if not preview:
                     return None
                 # The image is saved: whatever happens to its preview now, the save stands.
                 try:  # an image larger than PiAPI makes is left to the preview threads (memory)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -138,6 +139,7 @@ class TaskService:
         self._owner = new_owner_id()
         self.background = background
         self._downloads: dict[str, _DownloadJob] = {}  # task id -> its download running in this process
+        self._showing: dict[str, int] = {}  # task id -> calls waiting for it that will show a preview
         # Reads of today's spend shared by calls finishing together, numbered as they begin:
         self._spend_reads = 0
         self._spent: tuple[int, float] | None = None  # the newest finished read: its number, USD
@@ -348,6 +350,21 @@ class TaskService:
 
     # --- wait, record, finish ---------------------------------------------------------------
 
+    @contextmanager
+    def showing_previews(self, task_id: str, wanted: bool = True) -> Iterator[None]:
+        """While this is open (and `wanted`), a caller waits for `task_id` to show its images'
+        previews: an image saved meanwhile gets its preview in its save step. Images saved with
+        no such caller (a call that asked for none, one that has gone, the CLI) get none."""
+        if not wanted:
+            yield
+            return
+        self._showing[task_id] = self._showing.get(task_id, 0) + 1
+        try:
+            yield
+        finally:
+            if (left := self._showing.pop(task_id) - 1) > 0:
+                self._showing[task_id] = left
+
     async def wait(
         self,
         task_id: str,
@@ -529,7 +546,14 @@ class TaskService:
 
         async def save(n: int, url: str) -> None:
             try:
-                rows[n] = await store.save(self.client, task_id=record.task_id, n=n, url=url, sidecar=sidecar)
+                rows[n] = await store.save(
+                    self.client,
+                    task_id=record.task_id,
+                    n=n,
+                    url=url,
+                    sidecar=sidecar,
+                    preview=record.task_id in self._showing,
+                )
             except errors.FluxError as exc:
                 log.warning("could not save image %d of %s: %s", n, record.task_id, exc.message)
                 notes.append(f"image {n} was not saved locally ({exc.message}); its URL is temporary")

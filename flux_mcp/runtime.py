@@ -72,13 +72,7 @@ def build_service(
         timeout_seconds=settings.request_timeout_seconds,
         **({"sleep": sleep} if sleep else {}),
     )
-    # Calls show a preview unless told not to: make it in the same worker-thread step as the save.
-    previews = settings.include_image == "thumbnail"
-    store = (
-        ImageStore(settings.images_dir, max_bytes=settings.max_download_bytes, previews=previews)
-        if settings.save_images
-        else None
-    )
+    store = ImageStore(settings.images_dir, max_bytes=settings.max_download_bytes) if settings.save_images else None
     resolver = InputResolver(settings.allowed_image_roots(), max_bytes=settings.max_input_bytes)
     return TaskService(
         settings,

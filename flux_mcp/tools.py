@@ -269,7 +269,7 @@ async def _run_task_tool(tool: TaskTool, ctx: Context, args: dict[str, Any], app
     if isinstance(submitted, CallToolResult):
         return submitted
     record = submitted.record
-    with about_task(record.task_id):
+    with about_task(record.task_id), service.showing_previews(record.task_id, submitted.include == "thumbnail"):
         try:
             # `initial` makes the first progress notification carry the task id before any waiting.
             outcome = await service.wait(
@@ -295,12 +295,12 @@ async def present_task(state: AppState, task_id: str) -> tuple[TaskRecord, CallT
     entry = await state.service.ledger.get(task_id)
     if entry is None or entry.record is None:
         raise NotFoundError(f"task {task_id} is not in the local ledger", task_id=task_id)
-    with about_task(task_id):
+    include = entry.request.get("include_image") or state.settings.include_image
+    with about_task(task_id), state.service.showing_previews(task_id, include == "thumbnail"):
         if entry.record.is_terminal:  # from the ledger (and the local copies), no request
             outcome = await state.service.wait(task_id, timeout=0)
         else:
             outcome = await state.service.get(task_id)
-    include = entry.request.get("include_image") or state.settings.include_image
     cost, spent = entry.estimated_cost_usd, await state.service.spent_today()
     result = await _present(state.service, outcome, include, estimated_cost_usd=cost, spent_today_usd=spent)
     return outcome.record, result
@@ -395,17 +395,19 @@ class ListArguments(_Arguments):
 
 async def _get_task(ctx: Context, args: dict[str, Any]) -> CallToolResult:
     state = _state(ctx)
-    with about_task(args["task_id"]):
+    include = state.settings.include_image
+    with about_task(args["task_id"]), state.service.showing_previews(args["task_id"], include == "thumbnail"):
         outcome = await state.service.get(args["task_id"])
-    return await _present(state.service, outcome, state.settings.include_image)
+    return await _present(state.service, outcome, include)
 
 
 async def _wait_task(ctx: Context, args: dict[str, Any]) -> CallToolResult:
     state = _state(ctx)
     timeout = state.settings.wait_seconds if args["wait_seconds"] is None else args["wait_seconds"]
-    with about_task(args["task_id"]):
+    include = state.settings.include_image
+    with about_task(args["task_id"]), state.service.showing_previews(args["task_id"], include == "thumbnail"):
         outcome = await state.service.wait(args["task_id"], timeout=timeout, on_update=_Progress(ctx).send)
-    return await _present(state.service, outcome, state.settings.include_image)
+    return await _present(state.service, outcome, include)
 
 
 async def _cancel_task(ctx: Context, args: dict[str, Any]) -> CallToolResult:

@@ -16,7 +16,7 @@ import pytest
 from mcp import Client
 from PIL import Image
 
-from flux_mcp import lifecycle
+from flux_mcp import files, lifecycle
 from flux_mcp.parameters import TASK_TOOLS
 
 pytestmark = pytest.mark.anyio
@@ -146,6 +146,34 @@ async def test_a_call_shows_the_preview_made_while_saving_with_no_second_thumbna
     (thumb,) = [c for c in result.content if c.type == "image"]
     (image,) = result.structured_content["images"]
     assert base64.b64decode(thumb.data) == Path(image["path"]).read_bytes()  # 512 px: it is its own preview
+    assert made_later == []
+
+
+async def test_a_call_that_shows_no_image_makes_no_preview(client, monkeypatch):
+    made = []
+    real = files.make_thumbnail
+    monkeypatch.setattr(files, "make_thumbnail", lambda *a, **k: made.append(a) or real(*a, **k))
+    monkeypatch.setattr(lifecycle, "make_thumbnail", files.make_thumbnail)
+    off = await client.call_tool("flux_txt2img", {"prompt": "no preview", "include_image": "none"})
+    assert off.structured_content["status"] == "completed" and off.structured_content["images"][0]["path"]
+    assert made == []  # neither in the save step nor after it
+    on = await client.call_tool("flux_txt2img", {"prompt": "a preview", "width": 1024, "height": 1024})
+    assert [c.type for c in on.content] == ["text", "image", "resource_link"] and len(made) == 1
+
+
+async def test_a_call_asking_for_a_preview_gets_it_from_its_save_even_when_the_default_is_none(
+    settings, fast_options, monkeypatch
+):
+    from flux_mcp.server import create_server
+
+    made_later = []
+    monkeypatch.setattr(lifecycle, "make_thumbnail", lambda *a, **k: made_later.append(a))
+    server = create_server(settings.model_copy(update={"include_image": "none"}), fast_options)
+    async with Client(server) as connected:
+        shown = await connected.call_tool("flux_txt2img", {"prompt": "asked", "include_image": "thumbnail"})
+        plain = await connected.call_tool("flux_txt2img", {"prompt": "default"})
+    assert [c.type for c in shown.content] == ["text", "image", "resource_link"]
+    assert [c.type for c in plain.content] == ["text", "resource_link"]
     assert made_later == []
 
 
