@@ -214,19 +214,21 @@ class ImageStore:
     def _create_part(self, stem: str) -> tuple[Path, int]:
         """A new temp file `.<stem>.<pid>.<random>.part`, open for writing (the directory is made
         when it is missing)."""
-        for attempt in range(5):
+        made = False
+        for _ in range(5):
             path = self.output_dir / f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.part"
             try:
                 return path, os.open(path, _CREATE_FLAGS, 0o600)
             except FileExistsError:
                 continue
             except FileNotFoundError:
-                if attempt > 0:
+                if made:
                     raise errors.StorageError(f"cannot write to {self.output_dir}: it keeps vanishing") from None
                 try:
                     self.output_dir.mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
                     raise errors.StorageError(f"cannot write to {self.output_dir}: {exc}") from exc
+                made = True
             except OSError as exc:
                 raise errors.StorageError(f"cannot write to {self.output_dir}: {exc}") from exc
         raise errors.StorageError(f"cannot write to {self.output_dir}: no free temp file name")

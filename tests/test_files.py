@@ -84,6 +84,39 @@ async def test_save_writes_image_sidecar_and_checksum(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_missing_output_folder_is_made_even_after_a_temp_name_clash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "gone" / "images"
+    out.mkdir(parents=True)
+    names = iter(["clash", "fresh", "other"])
+    clash = out / f".t_0.{os.getpid()}.clash.part"
+    clash.write_bytes(b"someone else's")
+
+    def token_hex(_: int) -> str:
+        name = next(names)
+        if name == "fresh":  # after the clash, the folder goes away
+            clash.unlink()
+            out.rmdir()
+        return name
+
+    monkeypatch.setattr(files.secrets, "token_hex", token_hex)
+    row = await ImageStore(out, max_bytes=1_000_000).save(serve(image_bytes()), task_id="t", n=0, url="u", sidecar={})
+    assert row.path == str(out / "t_0.png") and listing(out) == ["t_0.json", "t_0.png"]
+
+
+@pytest.mark.anyio
+async def test_an_output_folder_that_cannot_be_made_is_a_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(errors.StorageError, match="cannot write to"):
+        await ImageStore(blocker / "images", max_bytes=1_000_000).save(
+            serve(image_bytes()), task_id="t", n=0, url="u", sidecar={}
+        )
+    assert listing(tmp_path) == ["a-file"]
+
+
+@pytest.mark.anyio
 async def test_a_save_asked_for_a_preview_makes_it_in_its_step_and_gives_it_out_once(tmp_path: Path) -> None:
     """The call that shows a preview gets the one made in the save's own worker-thread step."""
     png = image_bytes()
