@@ -262,6 +262,13 @@ async def run_load(mcp_url: str, n: int, run_id: str, include_image: str, side: 
     return {"completed": completed, "wall": wall, "probe": probe_times, "overheads": overheads}
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def spread(ratios: list[float]) -> str:
     """A ratio measured in several rounds: its median and its range."""
     ordered = sorted(ratios)
@@ -464,7 +471,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=positive,
         default=1,
         help="run every configuration this many times, side by side, and print the ratios' median and range "
         "(a shared machine drifts between runs; ratios from adjacent runs drift less)",

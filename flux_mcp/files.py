@@ -32,6 +32,7 @@ import stat
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,7 +132,7 @@ def sweep_partial_files(directory: Path, *, now: float | None = None) -> list[Pa
 
 
 # Worker threads per store that save images at once (each step: write, fsync, sidecar, renames,
-# and the preview when the store makes them), and as many again that make previews from files.
+# and the preview when a caller waits to show it), and as many again that make previews from files.
 # Each step is short and partly holds the GIL: a few threads keep the disk busy, while more only
 # fight the event loop's thread for the GIL (measured at 1,000 calls in flight: 16 save threads
 # answered calls a second later than 4). A thumbnail of a large image decodes it whole, so few at
@@ -178,9 +179,9 @@ class ImageStore:
     gone when it starts (see `sweep_partial_files`)."""
 
     def __init__(self, output_dir: Path, *, max_bytes: int) -> None:
-        """A save asked for a preview (`save(preview=True)`: a caller is waiting to show it) makes
-        it in the same worker-thread step, and keeps it for `take_preview` (the call that shows it
-        needs no second step)."""
+        """A save whose `preview()` says a caller is waiting to show the image makes its preview in
+        the same worker-thread step, and keeps it for `take_preview` (the call that shows it needs
+        no second step)."""
         self.output_dir = Path(output_dir)
         self.max_bytes = max_bytes
         self.threads = anyio.CapacityLimiter(IMAGE_THREADS)
@@ -241,10 +242,10 @@ class ImageStore:
         n: int,
         url: str,
         sidecar: dict[str, Any],
-        preview: bool = False,
+        preview: Callable[[], bool] = lambda: False,
     ) -> SavedImageRow:
-        """Download `url` and save it; with `preview` (a caller is waiting to show the image), make
-        its preview too (see `__init__`)."""
+        """Download `url` and save it, and its preview too when `preview()`, asked once the image
+        is in, says a caller is waiting to show it (see `__init__`)."""
         from flux_mcp.catalog import MAX_PIXELS  # loaded with the tools that call this, not at start
 
         check_task_id(task_id)
@@ -295,6 +296,7 @@ class ImageStore:
             }
 
             whole = part.fd is None  # nothing written yet: the image is all in `pending`
+            shown = preview()  # asked now: a caller may have come, or gone, during the download
 
             def commit() -> tuple[bytes, str] | None:
                 data = b"".join(pending)
@@ -312,7 +314,7 @@ class ImageStore:
                     os.close(fd)
                 os.replace(part.path, final)
                 os.replace(part.sidecar, sidecar_path)
-                if not preview:
+                if not shown:
                     return None
                 # The image is saved: whatever happens to its preview now, the save stands.
                 try:  # an image larger than PiAPI makes is left to the preview threads (memory)
@@ -323,9 +325,9 @@ class ImageStore:
                     log.warning("no preview made while saving %s", final, exc_info=True)
                 return None
 
-            preview = await anyio.to_thread.run_sync(commit, limiter=self.threads)
-            if preview is not None:
-                self._keep_preview(str(final), preview)
+            made = await anyio.to_thread.run_sync(commit, limiter=self.threads)
+            if made is not None:
+                self._keep_preview(str(final), made)
         except OSError as exc:
             await part.discard()
             raise errors.StorageError(f"saving {url} failed: {exc}", task_id=task_id) from exc

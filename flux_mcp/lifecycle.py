@@ -350,11 +350,17 @@ class TaskService:
 
     # --- wait, record, finish ---------------------------------------------------------------
 
+    def wants_previews(self, entry: LedgerEntry) -> bool:
+        """Whether the call that made this task asked to be shown its images (its
+        `include_image`, else the server's default)."""
+        return (entry.request.get("include_image") or self.settings.include_image) == "thumbnail"
+
     @contextmanager
     def showing_previews(self, task_id: str, wanted: bool = True) -> Iterator[None]:
-        """While this is open (and `wanted`), a caller waits for `task_id` to show its images'
+        """While this is open (and `wanted`), something waits for `task_id` to show its images'
         previews: an image saved meanwhile gets its preview in its save step. Images saved with
-        no such caller (a call that asked for none, one that has gone, the CLI) get none."""
+        nothing waiting to show them (a call that asked for none, one that has gone, the CLI) get
+        none there; a preview asked for later is made from the file."""
         if not wanted:
             yield
             return
@@ -552,7 +558,7 @@ class TaskService:
                     n=n,
                     url=url,
                     sidecar=sidecar,
-                    preview=record.task_id in self._showing,
+                    preview=lambda: record.task_id in self._showing,
                 )
             except errors.FluxError as exc:
                 log.warning("could not save image %d of %s: %s", n, record.task_id, exc.message)

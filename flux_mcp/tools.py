@@ -295,7 +295,7 @@ async def present_task(state: AppState, task_id: str) -> tuple[TaskRecord, CallT
     entry = await state.service.ledger.get(task_id)
     if entry is None or entry.record is None:
         raise NotFoundError(f"task {task_id} is not in the local ledger", task_id=task_id)
-    include = entry.request.get("include_image") or state.settings.include_image
+    include = "thumbnail" if state.service.wants_previews(entry) else "none"
     with about_task(task_id), state.service.showing_previews(task_id, include == "thumbnail"):
         if entry.record.is_terminal:  # from the ledger (and the local copies), no request
             outcome = await state.service.wait(task_id, timeout=0)

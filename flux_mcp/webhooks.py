@@ -139,7 +139,10 @@ class WebhookReceiver:
     @staticmethod
     async def _finish(service: TaskService, record: TaskRecord, entry: LedgerEntry) -> None:
         try:
-            await service.finish(record, patience=30.0, recorded=entry)
+            # No call waits now, but the one that asks next (flux_wait_task, the Tasks extension's
+            # result) shows the previews its task's call asked for: make them while saving.
+            with service.showing_previews(record.task_id, service.wants_previews(entry)):
+                await service.finish(record, patience=30.0, recorded=entry)
         except errors.FluxError as exc:
             log.warning("finishing %s after its webhook failed: %s", record.task_id, exc.message)
         except anyio.get_cancelled_exc_class():

@@ -121,7 +121,7 @@ async def test_a_save_asked_for_a_preview_makes_it_in_its_step_and_gives_it_out_
     """The call that shows a preview gets the one made in the save's own worker-thread step."""
     png = image_bytes()
     store = ImageStore(tmp_path, max_bytes=1_000_000)
-    row = await store.save(serve(png), task_id="t", n=0, url="https://cdn.test/a.png", sidecar={}, preview=True)
+    row = await store.save(serve(png), task_id="t", n=0, url="https://cdn.test/a.png", sidecar={}, preview=lambda: True)
     assert row.path is not None
     assert store.take_preview(row.path) == make_thumbnail(Path(row.path))
     assert store.take_preview(row.path) is None  # given out once; later previews come from the file
@@ -138,13 +138,15 @@ async def test_previews_made_while_saving_are_kept_only_up_to_a_bound(
     paths = []
     for n in range(3):
         row = await store.save(
-            serve(image_bytes()), task_id="t", n=n, url=f"https://cdn.test/{n}", sidecar={}, preview=True
+            serve(image_bytes()), task_id="t", n=n, url=f"https://cdn.test/{n}", sidecar={}, preview=lambda: True
         )
         paths.append(row.path)
     assert store.take_preview(paths[0]) is None  # the oldest made way
     assert store.take_preview(paths[1]) is not None and store.take_preview(paths[2]) is not None
     monkeypatch.setattr(files, "FRESH_PREVIEW_BYTES", 10)  # and by size: none this large is kept
-    row = await store.save(serve(image_bytes()), task_id="t", n=3, url="https://cdn.test/3", sidecar={}, preview=True)
+    row = await store.save(
+        serve(image_bytes()), task_id="t", n=3, url="https://cdn.test/3", sidecar={}, preview=lambda: True
+    )
     assert row.path is not None and store.take_preview(row.path) is None
 
 
@@ -157,7 +159,9 @@ async def test_a_preview_that_fails_in_any_way_leaves_the_save_standing(
 
     monkeypatch.setattr(files, "make_thumbnail", broken)
     store = ImageStore(tmp_path, max_bytes=1_000_000)
-    row = await store.save(serve(image_bytes()), task_id="t", n=0, url="https://cdn.test/a", sidecar={}, preview=True)
+    row = await store.save(
+        serve(image_bytes()), task_id="t", n=0, url="https://cdn.test/a", sidecar={}, preview=lambda: True
+    )
     assert row.path is not None and Path(row.path).read_bytes() == image_bytes()
     assert store.take_preview(row.path) is None
     assert listing(tmp_path) == ["t_0.json", "t_0.png"]
@@ -175,7 +179,7 @@ async def test_an_image_larger_than_piapi_makes_is_saved_without_a_preview_in_th
     Image.new("RGB", (1100, 1000), "teal").save(big, format="PNG")
     store = ImageStore(tmp_path, max_bytes=10_000_000)
     row = await store.save(
-        serve(big.getvalue()), task_id="t", n=0, url="https://cdn.test/big", sidecar={}, preview=True
+        serve(big.getvalue()), task_id="t", n=0, url="https://cdn.test/big", sidecar={}, preview=lambda: True
     )
     assert row.path is not None and Path(row.path).read_bytes() == big.getvalue()
     assert store.take_preview(row.path) is None

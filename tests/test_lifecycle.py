@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import sqlite3
 import subprocess
@@ -154,3 +155,17 @@ async def test_a_reservation_far_older_than_any_create_is_settled_whoever_owns_i
     with pytest.raises(errors.SubmitUncertainError, match="unknown outcome"):
         await service.submit("flux_txt2img", request)
     assert posts(sim) == 0
+
+
+async def test_a_task_is_shown_while_any_of_its_callers_waits_to_show_it(service):
+    showing = functools.partial(service.showing_previews, "t-1")
+    with showing():
+        with showing(), showing(wanted=False):
+            assert "t-1" in service._showing
+        assert "t-1" in service._showing  # the first caller still waits
+        with pytest.raises(ValueError), showing():
+            raise ValueError("a call that failed")
+        assert "t-1" in service._showing
+    assert "t-1" not in service._showing  # the last one has gone
+    with showing(wanted=False):
+        assert "t-1" not in service._showing

@@ -177,6 +177,22 @@ async def test_a_call_asking_for_a_preview_gets_it_from_its_save_even_when_the_d
     assert made_later == []
 
 
+async def test_flux_wait_task_and_flux_get_task_show_the_preview_made_while_saving(client, sim, monkeypatch):
+    made_later = []  # previews made from the file, after the save
+    monkeypatch.setattr(lifecycle, "make_thumbnail", lambda *a, **k: made_later.append(a))
+    sim.state.configure(durations={"Qubico/flux1-schnell": 0.3})
+    waited = await client.call_tool("flux_txt2img", {"prompt": "waited for", "wait_seconds": 0})
+    assert waited.structured_content["status"] in ("pending", "processing")
+    done = await client.call_tool("flux_wait_task", {"task_id": waited.structured_content["task_id"]})
+    got = await client.call_tool("flux_txt2img", {"prompt": "got", "wait_seconds": 0})
+    await anyio.sleep(0.6)  # finished at PiAPI; its first GET is flux_get_task's
+    fetched = await client.call_tool("flux_get_task", {"task_id": got.structured_content["task_id"]})
+    for result in (done, fetched):
+        assert result.structured_content["status"] == "completed"
+        assert [c.type for c in result.content] == ["text", "image", "resource_link"]
+    assert made_later == []
+
+
 async def test_batch_gives_every_image_and_at_most_four_thumbnails(client):
     result = await client.call_tool("flux_txt2img", {"prompt": "four", "batch_size": 4, "width": 256, "height": 256})
     data = result.structured_content

@@ -24,6 +24,8 @@ from mcp.types import CallToolResult, Request, RequestParams, Result
 from pydantic import ConfigDict, Field, TypeAdapter
 from test_end_to_end import free_port, server_env, stop_process, wait_until_listening
 
+from flux_mcp import lifecycle
+
 pytestmark = pytest.mark.anyio
 
 EXTENSION = "io.modelcontextprotocol/tasks"
@@ -155,6 +157,18 @@ async def test_the_contract_in_memory(server, sim):
         assert tasks.server_capabilities.extensions is not None
         assert EXTENSION in tasks.server_capabilities.extensions
         await check_the_contract(tasks, plain, sim)
+
+
+async def test_tasks_get_shows_the_preview_made_while_saving(server, sim, monkeypatch):
+    made_later: list[object] = []  # previews made from the file, after the save
+    monkeypatch.setattr(lifecycle, "make_thumbnail", lambda *a, **k: made_later.append(a))
+    sim.state.configure(durations={"Qubico/flux1-schnell": 0.3})
+    async with Client(server, extensions=[Tasks()]) as tasks:
+        created = await call_as_task(tasks, "flux_txt2img", {"prompt": "a handle", "width": 256, "height": 256})
+        assert isinstance(created, CreateTaskResult)
+        done = await poll_until_done(tasks, created.task_id)
+    assert [c["type"] for c in done["result"]["content"]] == ["text", "image", "resource_link"]
+    assert made_later == []
 
 
 async def test_a_client_speaking_the_extension_gets_the_final_result_from_call_tool(server, sim):

@@ -23,6 +23,7 @@ import pytest
 from conftest import until
 from mcp import Client
 
+from flux_mcp import lifecycle
 from flux_mcp.http_app import build_http_app
 from flux_mcp.settings import Settings
 from flux_mcp.simulator import RunningSimulator, bind_socket, running_app, running_simulator
@@ -111,6 +112,22 @@ async def test_a_call_that_returned_a_handle_is_finished_in_the_background(hooke
     body = await call(hooked, "flux_wait_task", {"task_id": task_id, "wait_seconds": 10})
     assert body["status"] == "completed" and body["images"][0]["path"] == str(saved)
     assert hooked.gets(task_id) == gets_before == 0  # answered from the ledger at once
+
+
+async def test_a_task_finished_by_its_webhook_has_its_preview_ready_for_the_next_call(
+    hooked: Hooked, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made_later: list[object] = []  # previews made from the file, after the save
+    monkeypatch.setattr(lifecycle, "make_thumbnail", lambda *a, **k: made_later.append(a))
+    handle = await call(
+        hooked, "flux_txt2img", {"prompt": "shown later", "width": 256, "height": 256, "wait_seconds": 0}
+    )
+    saved = hooked.settings.output_dir / f"{handle['task_id']}_0.png"
+    await until(saved.is_file)  # no call is waiting: the receiver saved it, with its preview
+    async with Client(f"{hooked.url}/mcp") as client:
+        result = await client.call_tool("flux_wait_task", {"task_id": handle["task_id"]})
+    assert [c.type for c in result.content] == ["text", "image", "resource_link"]
+    assert made_later == []
 
 
 async def test_the_secret_is_checked_and_only_our_tasks_are_accepted(hooked: Hooked) -> None:
