@@ -28,6 +28,10 @@ in a process of its own. Everything runs on loopback. Linux only
     python bench/scale.py -n 1000 --workers 1 --workers 2   # throughput of one and two processes
     python bench/scale.py -n 1000 --floor  # beside a bare MCPServer whose tool only sleeps as long
     python bench/scale.py -n 1000 --workers 1 --workers 2 --rounds 5   # ratios as median and range
+
+To compare two revisions, run each from its own checkout (`cd` into it): the servers start as
+`python -m flux_mcp`, which finds the package in the working directory before `PYTHONPATH` or an
+installed copy.
 """
 
 from __future__ import annotations
