@@ -350,10 +350,11 @@ class TaskService:
 
     # --- wait, record, finish ---------------------------------------------------------------
 
-    def wants_previews(self, entry: LedgerEntry) -> bool:
+    def wants_previews(self, entry: LedgerEntry | None) -> bool:
         """Whether the call that made this task asked to be shown its images (its
-        `include_image`, else the server's default)."""
-        return (entry.request.get("include_image") or self.settings.include_image) == "thumbnail"
+        `include_image`, else the server's default, also for a task the ledger does not hold)."""
+        asked = entry.request.get("include_image") if entry is not None else None
+        return (asked or self.settings.include_image) == "thumbnail"
 
     @contextmanager
     def showing_previews(self, task_id: str, wanted: bool = True) -> Iterator[None]:

@@ -55,6 +55,7 @@ from flux_mcp.toolkit import FluxTool
 
 if TYPE_CHECKING:
     from flux_mcp.catalog import TaskRequest
+    from flux_mcp.ledger import LedgerEntry
     from flux_mcp.lifecycle import TaskOutcome, TaskService
     from flux_mcp.parameters import TaskTool
 
@@ -295,7 +296,7 @@ async def present_task(state: AppState, task_id: str) -> tuple[TaskRecord, CallT
     entry = await state.service.ledger.get(task_id)
     if entry is None or entry.record is None:
         raise NotFoundError(f"task {task_id} is not in the local ledger", task_id=task_id)
-    include = "thumbnail" if state.service.wants_previews(entry) else "none"
+    include = _shown(state, entry)
     with about_task(task_id), state.service.showing_previews(task_id, include == "thumbnail"):
         if entry.record.is_terminal:  # from the ledger (and the local copies), no request
             outcome = await state.service.wait(task_id, timeout=0)
@@ -393,20 +394,27 @@ class ListArguments(_Arguments):
     limit: Annotated[int, Field(ge=1, le=200, description="At most this many.")] = 20
 
 
+def _shown(state: AppState, entry: LedgerEntry | None) -> str:
+    """What a later look at a task shows inline: what the call that made it asked for."""
+    return "thumbnail" if state.service.wants_previews(entry) else "none"
+
+
 async def _get_task(ctx: Context, args: dict[str, Any]) -> CallToolResult:
     state = _state(ctx)
-    include = state.settings.include_image
-    with about_task(args["task_id"]), state.service.showing_previews(args["task_id"], include == "thumbnail"):
-        outcome = await state.service.get(args["task_id"])
+    with about_task(args["task_id"]):
+        include = _shown(state, await state.service.ledger.get(args["task_id"]))
+        with state.service.showing_previews(args["task_id"], include == "thumbnail"):
+            outcome = await state.service.get(args["task_id"])
     return await _present(state.service, outcome, include)
 
 
 async def _wait_task(ctx: Context, args: dict[str, Any]) -> CallToolResult:
     state = _state(ctx)
     timeout = state.settings.wait_seconds if args["wait_seconds"] is None else args["wait_seconds"]
-    include = state.settings.include_image
-    with about_task(args["task_id"]), state.service.showing_previews(args["task_id"], include == "thumbnail"):
-        outcome = await state.service.wait(args["task_id"], timeout=timeout, on_update=_Progress(ctx).send)
+    with about_task(args["task_id"]):
+        include = _shown(state, await state.service.ledger.get(args["task_id"]))
+        with state.service.showing_previews(args["task_id"], include == "thumbnail"):
+            outcome = await state.service.wait(args["task_id"], timeout=timeout, on_update=_Progress(ctx).send)
     return await _present(state.service, outcome, include)
 
 

@@ -193,6 +193,20 @@ async def test_flux_wait_task_and_flux_get_task_show_the_preview_made_while_savi
     assert made_later == []
 
 
+async def test_a_later_look_at_a_task_shows_what_its_call_asked_for(settings, fast_options):
+    from flux_mcp.server import create_server
+
+    for default, asked, shown in (("thumbnail", "none", False), ("none", "thumbnail", True)):
+        server = create_server(settings.model_copy(update={"include_image": default}), fast_options)
+        async with Client(server) as connected:
+            first = await connected.call_tool("flux_txt2img", {"prompt": asked, "include_image": asked})
+            task_id = first.structured_content["task_id"]
+            for tool in ("flux_get_task", "flux_wait_task"):
+                later = await connected.call_tool(tool, {"task_id": task_id})
+                assert later.structured_content["status"] == "completed"
+                assert ("image" in [c.type for c in later.content]) is shown, (default, asked, tool)
+
+
 async def test_batch_gives_every_image_and_at_most_four_thumbnails(client):
     result = await client.call_tool("flux_txt2img", {"prompt": "four", "batch_size": 4, "width": 256, "height": 256})
     data = result.structured_content
