@@ -43,6 +43,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -275,10 +276,7 @@ def positive(text: str) -> int:
 
 def spread(ratios: list[float]) -> str:
     """A ratio measured in several rounds: its median and its range."""
-    ordered = sorted(ratios)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-    return f"median {median:.2f}x (range {ordered[0]:.2f}-{ordered[-1]:.2f}x)"
+    return f"median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x)"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -522,7 +520,7 @@ def main() -> None:
                 for workers in worker_counts[1:]:
                     worker_ratios[workers].append(throughput[workers] / throughput[first])
                     print(
-                        f"      N = {n}: {workers} workers carry {throughput[workers] / throughput[first]:.2f}x "
+                        f"      N = {n}: {workers} workers carry {worker_ratios[workers][-1]:.2f}x "
                         f"the throughput of {first}",
                         flush=True,
                     )
