@@ -878,16 +878,13 @@ class TaskLedger:
 
     # --- downloads --------------------------------------------------------------------------
 
-    async def claim_downloads(self, task_id: str, owner: str, lease_seconds: float = 120) -> bool:
-        """True if `owner` may download this task's images now.
-
-        False when the task is unknown, every image PiAPI returned already has a local copy, or
-        another live owner holds an unexpired lease. Re-claiming one's own lease renews it.
-        """
-        return (await self.claim_for_download(task_id, owner, lease_seconds)).granted
-
     async def claim_for_download(self, task_id: str, owner: str, lease_seconds: float = 120) -> DownloadClaim:
-        """`claim_downloads`, and the image rows already stored, read in the same transaction."""
+        """Whether `owner` may download this task's images now (`granted`), and the image rows
+        already stored, read in the same transaction.
+
+        Not granted when the task is unknown, every image PiAPI returned already has a local copy,
+        or another live owner holds an unexpired lease. Re-claiming one's own lease renews it.
+        """
         now = self._clock()
 
         def claim(conn: sqlite3.Connection) -> DownloadClaim:

@@ -515,7 +515,7 @@ async def test_dead_processes_download_lease_does_not_block_reads(sim, tmp_path)
         assert structured(submitted)["status"] in ("pending", "processing")
         # What a server SIGKILLed while downloading leaves behind: a lease owned by a dead pid.
         async with TaskLedger(tmp_path / "data" / "tasks.sqlite3") as ledger:
-            assert await ledger.claim_downloads(task_id, f"{socket.gethostname()}:{dead.pid}:deadbeef")
+            assert (await ledger.claim_for_download(task_id, f"{socket.gethostname()}:{dead.pid}:deadbeef")).granted
         task = sim.state.tasks[task_id]
         assert await wait_for(lambda: sim.state.phase(task) == "completed", 5)
 

@@ -371,16 +371,16 @@ async def test_a_download_claim_carries_the_rows_already_saved(tmp_path: Path) -
 
 
 @pytest.mark.anyio
-async def test_claim_downloads_lease(tmp_path: Path) -> None:
+async def test_a_download_claim_is_a_lease(tmp_path: Path) -> None:
     clock = FakeClock()
     async with TaskLedger(tmp_path / "t.db", clock=clock) as ledger:
-        assert not await ledger.claim_downloads("unknown", "a")
+        assert not (await ledger.claim_for_download("unknown", "a")).granted
         await ledger.record(task("t-1", "completed", image_urls=["https://cdn/1.png", "https://cdn/2.png"]))
-        assert await ledger.claim_downloads("t-1", "a", lease_seconds=60)
-        assert not await ledger.claim_downloads("t-1", "b", lease_seconds=60)
-        assert await ledger.claim_downloads("t-1", "a", lease_seconds=60)  # renew own lease
+        assert (await ledger.claim_for_download("t-1", "a", lease_seconds=60)).granted
+        assert not (await ledger.claim_for_download("t-1", "b", lease_seconds=60)).granted
+        assert (await ledger.claim_for_download("t-1", "a", lease_seconds=60)).granted  # renew own lease
         clock.now += 61
-        assert await ledger.claim_downloads("t-1", "b", lease_seconds=60)  # expired: taken over
+        assert (await ledger.claim_for_download("t-1", "b", lease_seconds=60)).granted  # expired: taken over
 
         # A partial save (one download failed) clears the lease but allows another attempt.
         await ledger.save_images(
@@ -390,11 +390,11 @@ async def test_claim_downloads_lease(tmp_path: Path) -> None:
                 SavedImageRow(n=1, url="https://cdn/2.png"),
             ],
         )
-        assert await ledger.claim_downloads("t-1", "c")
+        assert (await ledger.claim_for_download("t-1", "c")).granted
         await ledger.save_images(
             "t-1", [SavedImageRow(n=1, url="https://cdn/2.png", path="/o/t-1_1.png", sha256="cd", bytes=11)]
         )
-        assert not await ledger.claim_downloads("t-1", "d")
+        assert not (await ledger.claim_for_download("t-1", "d")).granted
         rows = await ledger.images("t-1")
         assert [(r.n, r.path, r.bytes) for r in rows] == [(0, "/o/t-1_0.png", 10), (1, "/o/t-1_1.png", 11)]
         entry = await ledger.get("t-1")
@@ -418,10 +418,10 @@ async def test_a_lease_held_by_a_dead_process_is_taken_over_but_a_live_one_is_no
     async with TaskLedger(tmp_path / "ledger.sqlite3") as ledger:
         for task_id in ("t-dead", "t-live"):
             await ledger.record(TaskRecord(task_id=task_id, status="completed", image_urls=["u"]))
-        assert await ledger.claim_downloads("t-dead", f"{socket.gethostname()}:{dead.pid}:00000000")
-        assert await ledger.claim_downloads("t-dead", new_owner_id())  # the holder is gone
-        assert await ledger.claim_downloads("t-live", f"{socket.gethostname()}:{os.getpid()}:00000000")
-        assert not await ledger.claim_downloads("t-live", new_owner_id())  # the holder is alive
+        assert (await ledger.claim_for_download("t-dead", f"{socket.gethostname()}:{dead.pid}:00000000")).granted
+        assert (await ledger.claim_for_download("t-dead", new_owner_id())).granted  # the holder is gone
+        assert (await ledger.claim_for_download("t-live", f"{socket.gethostname()}:{os.getpid()}:00000000")).granted
+        assert not (await ledger.claim_for_download("t-live", new_owner_id())).granted  # the holder is alive
 
 
 @pytest.mark.anyio
@@ -429,9 +429,9 @@ async def test_a_partly_saved_batch_can_still_be_claimed(tmp_path: Path) -> None
     async with TaskLedger(tmp_path / "ledger.sqlite3") as ledger:
         urls = [f"https://cdn/{n}.png" for n in range(4)]
         await ledger.record(TaskRecord(task_id="b", status="completed", image_urls=urls))
-        assert await ledger.claim_downloads("b", "me")
+        assert (await ledger.claim_for_download("b", "me")).granted
         # Interrupted after the first image: only its row was stored (and the lease released).
         await ledger.save_images("b", [SavedImageRow(n=0, url=urls[0], path="/x/b_0.png")])
-        assert await ledger.claim_downloads("b", "someone-else")
+        assert (await ledger.claim_for_download("b", "someone-else")).granted
         await ledger.save_images("b", [SavedImageRow(n=n, url=u, path=f"/x/b_{n}.png") for n, u in enumerate(urls)])
-        assert not await ledger.claim_downloads("b", "a-third")
+        assert not (await ledger.claim_for_download("b", "a-third")).granted

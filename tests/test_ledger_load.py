@@ -47,7 +47,7 @@ async def one_task(ledger: TaskLedger, name: str, key: str | None = None) -> boo
     await ledger.record(record("processing"))
     url = f"http://127.0.0.1/files/{task_id}.png"
     await ledger.record(record("completed", image_urls=[url]))
-    assert await ledger.claim_downloads(task_id, owner="me")
+    assert (await ledger.claim_for_download(task_id, owner="me")).granted
     await ledger.save_images(task_id, [SavedImageRow(n=0, url=url, path=f"/x/{task_id}.png", sha256="0", bytes=1)])
     return True
 
