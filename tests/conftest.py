@@ -35,6 +35,14 @@ async def until(predicate, seconds: float = 10.0) -> None:
             await anyio.sleep(0.02)
 
 
+async def warm_up(client) -> None:
+    """Load what a server's first calls load (the core; the HTTP client and the certificate
+    store, on the first request to PiAPI), so a deadline after this times the call alone."""
+    await client.call_tool("flux_txt2img", {"prompt": "warm up", "dry_run": True})
+    unknown = await client.call_tool("flux_get_task", {"task_id": "00000000-0000-4000-8000-000000000000"})
+    assert unknown.is_error
+
+
 # --- a fast simulator and a server wired to it ------------------------------------------------
 
 FAST_DURATIONS = {

@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 import httpx2
 import pytest
+from conftest import warm_up
 from mcp import Client
 from PIL import Image
 from starlette.applications import Starlette
@@ -271,9 +272,7 @@ async def test_a_body_that_drips_is_cut_off_by_the_minimum_rate():
 async def test_a_download_still_running_at_the_calls_deadline_finishes_in_the_background(server, sim, settings):
     sim.state.add_fault("slow_file", delay=3.0)
     async with Client(server) as client:
-        # A dry run first: what the first call loads (the catalog, the tools, the client) is not
-        # what this deadline is about.
-        await client.call_tool("flux_txt2img", {"prompt": "warm up", "dry_run": True})
+        await warm_up(client)  # what the first calls load is not what this deadline is about
         started = time.monotonic()
         result = await client.call_tool("flux_txt2img", {"prompt": "slow file", "wait_seconds": 1.5})
         took = time.monotonic() - started

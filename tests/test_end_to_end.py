@@ -27,6 +27,7 @@ import anyio
 import anyio.to_thread
 import httpx2
 import pytest
+from conftest import warm_up
 from mcp import Client, MCPError, StdioServerParameters, stdio_client
 from PIL import Image
 
@@ -268,11 +269,7 @@ async def test_long_task_returns_processing_then_wait_task_completes(sim, tmp_pa
     sim.state.configure(durations={SCHNELL: 3.0}, pending_seconds=0.2)
     progress = ProgressLog()
     async with stdio_server(sim, tmp_path) as client:
-        # What the first calls load (the core; the HTTP client and the certificate store, on the
-        # first request to PiAPI) is not what this deadline is about.
-        await client.call_tool("flux_txt2img", {"prompt": "warm up", "dry_run": True})
-        unknown = await client.call_tool("flux_get_task", {"task_id": "00000000-0000-4000-8000-000000000000"})
-        assert unknown.is_error
+        await warm_up(client)  # what the first calls load is not what this deadline is about
         started = time.monotonic()
         result = await client.call_tool(
             "flux_txt2img",
